@@ -1,0 +1,316 @@
+//! One connection: a fresh Store, the socket wrapped as `wasi:io` streams,
+//! the `handle` call raced against the idle, lifetime and shutdown clocks,
+//! and one log line with the outcome.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use wasmtime::component::{Resource, ResourceTable, ResourceTableError};
+use wasmtime::{Store, Trap, UpdateDeadline};
+use wasmtime_wasi::p2::{DynInputStream, DynOutputStream};
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+
+use crate::guest_log::GuestLog;
+use crate::limits::{self, CpuMeter, LimitKind, Limiter};
+use crate::runtime::Runtime;
+use crate::stats::{OutcomeKind, Stats};
+use crate::streams::{Socket, SocketInput, SocketOutput};
+
+/// What a handler learns about its connection through the `connection`
+/// resource.
+pub struct ConnectionInfo {
+    pub id: u64,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// The data of one connection's Store.
+pub struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    limiter: Limiter,
+    cpu: CpuMeter,
+    /// Set when the CPU budget ran out, so the resulting interrupt is
+    /// reported as the `cpu` limit.
+    cpu_exhausted: bool,
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl crate::bindings::TypesHost for HostState {}
+
+impl crate::bindings::HostConnection for HostState {
+    fn id(&mut self, conn: Resource<ConnectionInfo>) -> wasmtime::Result<u64> {
+        Ok(self.table.get(&conn)?.id)
+    }
+
+    fn peer_address(&mut self, conn: Resource<ConnectionInfo>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&conn)?.peer.to_string())
+    }
+
+    fn local_address(&mut self, conn: Resource<ConnectionInfo>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&conn)?.local.to_string())
+    }
+
+    fn drop(&mut self, conn: Resource<ConnectionInfo>) -> wasmtime::Result<()> {
+        self.table.delete(conn)?;
+        Ok(())
+    }
+}
+
+/// How a connection ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// `handle` returned `ok`.
+    Ok,
+    /// `handle` returned `err(msg)`.
+    Err(String),
+    /// The guest trapped; the first line of the trap message.
+    Trap(String),
+    /// A limit ended the connection.
+    Limit(LimitKind),
+    /// The client reset the connection.
+    ClientReset,
+    /// Server shutdown cut the connection off.
+    Cancelled,
+    /// The host could not set the connection up.
+    Failed(String),
+}
+
+impl Outcome {
+    pub fn kind(&self) -> OutcomeKind {
+        match self {
+            Outcome::Ok => OutcomeKind::Ok,
+            Outcome::Err(_) => OutcomeKind::Err,
+            Outcome::Trap(_) => OutcomeKind::Trap,
+            Outcome::Limit(_) => OutcomeKind::Limit,
+            Outcome::ClientReset => OutcomeKind::ClientReset,
+            Outcome::Cancelled => OutcomeKind::Cancelled,
+            Outcome::Failed(_) => OutcomeKind::Failed,
+        }
+    }
+
+    /// Whether the handler finished on its own terms, so what it wrote is
+    /// delivered before the socket closes.
+    fn finished(&self) -> bool {
+        matches!(self, Outcome::Ok | Outcome::Err(_))
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kind().name())
+    }
+}
+
+/// Build the Store for one connection: a WASI context that grants nothing
+/// (no preopens, environment, arguments or sockets; stdout and stderr go to
+/// the log), the per-connection limits and the CPU meter.
+fn new_store(runtime: &Runtime, id: u64) -> Store<HostState> {
+    let limits = runtime.limits();
+    let (stdout, stderr) = GuestLog::pair(id, limits::GUEST_LOG_LINES);
+    let wasi = WasiCtxBuilder::new().stdout(stdout).stderr(stderr).build();
+    let mut table = ResourceTable::new();
+    table.set_max_capacity(limits::MAX_TABLE_ENTRIES);
+    let state = HostState {
+        wasi,
+        table,
+        limiter: Limiter::new(limits),
+        cpu: CpuMeter::new(limits.max_cpu),
+        cpu_exhausted: false,
+    };
+    let mut store = Store::new(&runtime.engine, state);
+    store.limiter(|state| &mut state.limiter);
+    store.set_hostcall_fuel(limits::HOSTCALL_FUEL);
+    store.set_max_component_handles(limits::MAX_TABLE_ENTRIES);
+    store.call_hook(|mut cx, hook| {
+        cx.data_mut().cpu.on_call_hook(hook);
+        Ok(())
+    });
+    // Each tick a running guest yields (so it cannot starve its worker
+    // thread) and is charged; the deadline is always one tick ahead, so a
+    // guest blocked in a host call is never interrupted for it.
+    store.epoch_deadline_callback(|mut cx| {
+        let state = cx.data_mut();
+        if state.cpu.exhausted() {
+            state.cpu_exhausted = true;
+            return Err(Trap::Interrupt.into());
+        }
+        Ok(UpdateDeadline::YieldCustom(
+            1,
+            Box::pin(state.cpu.yield_now()),
+        ))
+    });
+    // Must be set before instantiating, or start functions trap at once.
+    store.set_epoch_deadline(1);
+    store
+}
+
+/// Instantiate the handler and run `handle` to completion, classifying how
+/// it ended. Dropping this future (idle, lifetime, shutdown) drops the
+/// Store and with it the guest.
+async fn call_handler(
+    runtime: &Runtime,
+    stats: &Stats,
+    socket: &Arc<Socket>,
+    info: ConnectionInfo,
+) -> Outcome {
+    let mut store = new_store(runtime, info.id);
+    let _store_gauge = stats.store_created();
+    let table = &mut store.data_mut().table;
+    let handles = (|| -> Result<_, ResourceTableError> {
+        let conn = table.push(info)?;
+        let input: DynInputStream = Box::new(SocketInput::new(socket.clone()));
+        let output: DynOutputStream = Box::new(SocketOutput::new(socket.clone()));
+        Ok((conn, table.push(input)?, table.push(output)?))
+    })();
+    let Ok((conn, input, output)) = handles else {
+        return Outcome::Failed("resource table full before the call".into());
+    };
+    let instance = match runtime.pre.instantiate_async(&mut store).await {
+        Ok(instance) => instance,
+        Err(e) => return classify(&store, socket, e, "failed to instantiate the handler"),
+    };
+    let result = instance
+        .sockserver_handler_handler()
+        .call_handle(&mut store, conn, input, output)
+        .await;
+    match result {
+        Ok(Ok(())) => Outcome::Ok,
+        Ok(Err(_)) if socket.was_reset() => Outcome::ClientReset,
+        Ok(Err(msg)) => Outcome::Err(msg),
+        Err(e) => classify(&store, socket, e, "trap"),
+    }
+}
+
+/// Turn an error from instantiating or calling the guest into an outcome:
+/// which limit caused it, a client reset, or a trap with its message.
+fn classify(
+    store: &Store<HostState>,
+    socket: &Socket,
+    error: wasmtime::Error,
+    what: &str,
+) -> Outcome {
+    let state = store.data();
+    if state.cpu_exhausted {
+        return Outcome::Limit(LimitKind::Cpu);
+    }
+    if state.limiter.refused_memory {
+        return Outcome::Limit(LimitKind::Memory);
+    }
+    if error.downcast_ref::<ResourceTableError>().is_some() {
+        return Outcome::Limit(LimitKind::Table);
+    }
+    if socket.was_reset() {
+        return Outcome::ClientReset;
+    }
+    tracing::debug!(error = ?error, "{what} details");
+    let message = match error.downcast_ref::<Trap>() {
+        Some(trap) => trap.to_string(),
+        None => error.root_cause().to_string(),
+    };
+    let first = message.lines().next().unwrap_or("").to_string();
+    if what == "trap" {
+        Outcome::Trap(first)
+    } else {
+        Outcome::Failed(format!("{what}: {first}"))
+    }
+}
+
+/// Resolves when the connection has been idle (no byte either way) for
+/// `idle`, or has lived for `lifetime`.
+async fn watchdog(
+    socket: &Socket,
+    started: Instant,
+    idle: Duration,
+    lifetime: Option<Duration>,
+) -> LimitKind {
+    let end_of_life = lifetime.map(|life| started + life);
+    loop {
+        let idle_deadline = socket.activity().last() + idle;
+        let now = Instant::now();
+        if now >= idle_deadline {
+            return LimitKind::Idle;
+        }
+        match end_of_life {
+            Some(end) if now >= end => return LimitKind::Lifetime,
+            Some(end) if end < idle_deadline => tokio::time::sleep_until(end.into()).await,
+            _ => tokio::time::sleep_until(idle_deadline.into()).await,
+        }
+    }
+}
+
+/// Serve one accepted connection from start to close. Never returns an
+/// error: whatever happens is logged and counted here, and cannot reach the
+/// acceptor or another connection.
+pub(crate) async fn serve(
+    runtime: Arc<Runtime>,
+    stats: Arc<Stats>,
+    tcp: TcpStream,
+    id: u64,
+    peer: SocketAddr,
+    cancel: CancellationToken,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let started = Instant::now();
+    let _open = stats.connection_opened();
+    let local = tcp
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let socket = Socket::new(tcp);
+    let limits = runtime.limits().clone();
+    let info = ConnectionInfo { id, peer, local };
+
+    let mut outcome = tokio::select! {
+        outcome = call_handler(&runtime, &stats, &socket, info) => outcome,
+        limit = watchdog(&socket, started, limits.idle_timeout, limits.max_lifetime) => Outcome::Limit(limit),
+        () = cancel.cancelled() => Outcome::Cancelled,
+    };
+
+    if outcome.finished() {
+        // Deliver what the handler wrote, still under the same clocks.
+        tokio::select! {
+            () = socket.flush() => socket.shutdown_write(),
+            limit = watchdog(&socket, started, limits.idle_timeout, limits.max_lifetime) => {
+                outcome = Outcome::Limit(limit);
+            }
+            () = cancel.cancelled() => outcome = Outcome::Cancelled,
+        }
+    }
+    if !outcome.finished() {
+        socket.discard_output();
+    }
+
+    let limit = match outcome {
+        Outcome::Limit(limit) => Some(limit),
+        _ => None,
+    };
+    stats.record(outcome.kind(), limit);
+    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let (bytes_in, bytes_out) = (socket.activity().bytes_in(), socket.activity().bytes_out());
+    match &outcome {
+        Outcome::Ok | Outcome::ClientReset => {
+            tracing::info!(conn = id, %peer, %outcome, duration_ms, bytes_in, bytes_out, "connection closed")
+        }
+        Outcome::Err(msg) | Outcome::Trap(msg) | Outcome::Failed(msg) => {
+            tracing::warn!(conn = id, %peer, %outcome, error = %msg, duration_ms, bytes_in, bytes_out, "connection closed")
+        }
+        Outcome::Limit(limit) => {
+            tracing::warn!(conn = id, %peer, %outcome, %limit, duration_ms, bytes_in, bytes_out, "connection closed")
+        }
+        Outcome::Cancelled => {
+            tracing::info!(conn = id, %peer, %outcome, duration_ms, bytes_in, bytes_out, "connection closed")
+        }
+    }
+}

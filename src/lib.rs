@@ -1,0 +1,47 @@
+//! wasm-sockserver: serve TCP with a fresh, sandboxed WebAssembly component
+//! instance per connection.
+//!
+//! The host owns the listener, the acceptor and the supervision of
+//! connections; the handler component owns the business logic and sees
+//! nothing but its own connection, as in Erlang's generic socket server and
+//! ranch. A trap, a runaway loop or a memory blow-up ends one connection and
+//! nothing else.
+//!
+//! Layout, one module per role:
+//! - [`config`]: command-line options and their validation;
+//! - [`server`]: `bind`, the acceptor loop, back-off and shutdown drain;
+//! - [`connection`]: one connection's Store, `handle` call and outcome;
+//! - [`runtime`]: the engine, component loading and checks, the epoch ticker;
+//! - [`streams`]: the socket as `wasi:io` input and output streams;
+//! - [`limits`]: per-connection limits, the memory limiter and CPU meter;
+//! - [`guest_log`]: guest stdout/stderr as tagged log lines;
+//! - [`stats`]: counters and gauges for embedders and tests;
+//! - [`bindings`]: the host bindings generated from `wit/`.
+//!
+//! Embedding:
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let config = wasm_sockserver::Config::new("echo.wasm");
+//! let server = wasm_sockserver::Server::new(&config)?;
+//! let listener = wasm_sockserver::bind("127.0.0.1:0".parse()?)?;
+//! println!("listening on {}", listener.local_addr()?);
+//! server.run(listener, async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+
+pub mod bindings;
+pub mod config;
+pub mod connection;
+pub mod guest_log;
+pub mod limits;
+pub mod runtime;
+pub mod server;
+pub mod stats;
+pub mod streams;
+
+pub use config::Config;
+pub use connection::Outcome;
+pub use limits::{LimitKind, Limits};
+pub use server::{Server, bind, run};
+pub use stats::{OutcomeKind, Stats};

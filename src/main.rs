@@ -1,0 +1,104 @@
+//! The `wasm-sockserver` binary: parse the command line, set up logging,
+//! load the handler, bind, print the address, and serve until a signal.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use clap::error::ErrorKind;
+use wasm_sockserver::{Config, Server};
+
+fn main() -> ExitCode {
+    // Routine connection errors (a client reset) must not capture a host
+    // backtrace even when RUST_BACKTRACE=1 is set: it halves the connection
+    // rate. Set before any thread starts, since the variable is read lazily.
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        // SAFETY: no other thread exists yet.
+        unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
+    }
+
+    let config = match Config::try_parse() {
+        Ok(config) => config,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("{}", one_line(&e.render().to_string()));
+            return ExitCode::from(2);
+        }
+    };
+
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+
+    match serve(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", one_line(&format!("{e:#}")));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(config: Config) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("failed to start the tokio runtime")?;
+    runtime.block_on(async {
+        let server = Server::new(&config)?;
+        let listener = wasm_sockserver::bind(config.listen)?;
+        let addr = listener
+            .local_addr()
+            .context("cannot read the listener's address")?;
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "listening on {addr}").context("cannot write to stdout")?;
+        stdout.flush().context("cannot write to stdout")?;
+        drop(stdout);
+        server.run(listener, shutdown_signal()).await
+    })
+}
+
+/// Resolves on the first Ctrl-C or SIGTERM. A second one exits at once,
+/// without waiting for connections to drain.
+async fn shutdown_signal() {
+    wait_for_signal().await;
+    tracing::info!("signal received: stopping (send another to exit at once)");
+    tokio::spawn(async {
+        wait_for_signal().await;
+        tracing::warn!("second signal: exiting without draining");
+        std::process::exit(130);
+    });
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(term) => { term.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+}
+
+/// Fold a multi-line message (clap's usage block, an error chain with
+/// embedded newlines) into the one line a user reads.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|line| {
+            !line.is_empty()
+                && !line.starts_with("Usage:")
+                && !line.starts_with("For more information")
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}

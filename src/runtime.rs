@@ -1,0 +1,285 @@
+//! The wasm side of the server: engine configuration, loading and checking
+//! the handler component, the `InstancePre` every connection instantiates
+//! from, and the epoch ticker thread.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use anyhow::{Context, Result, bail};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+
+use crate::bindings::SockserverPre;
+use crate::connection::HostState;
+use crate::limits::{self, Limits};
+
+/// The interface every handler must export (any 0.1.x is compatible).
+const HANDLER_EXPORT: &str = "sockserver:handler/handler@0.1";
+
+/// Everything needed to serve connections with one handler component:
+/// compiled once, pre-instantiated once, instantiated per connection.
+pub struct Runtime {
+    pub(crate) engine: Engine,
+    pub(crate) pre: SockserverPre<HostState>,
+    pub(crate) limits: Limits,
+    /// Advances the engine's epoch every [`limits::EPOCH_TICK`]; stopped and
+    /// joined when the runtime is dropped.
+    _ticker: Ticker,
+}
+
+impl Runtime {
+    /// Load the component at `path` for a server that holds at most
+    /// `max_connections` connections at once.
+    ///
+    /// Every problem with the file (missing, not wasm, a core module, the
+    /// wrong exports, an import the host lacks, memory beyond the limit) is
+    /// an error with a one-line explanation, before anything is bound.
+    pub fn load(path: &Path, limits: &Limits, max_connections: usize) -> Result<Runtime> {
+        let shown = path.display();
+        let bytes = std::fs::read(path).with_context(|| format!("cannot read module {shown}"))?;
+        if !wasmparser::Parser::is_component(&bytes) {
+            if wasmparser::Parser::is_core_wasm(&bytes) {
+                bail!(
+                    "{shown} is a core wasm module, not a component: build the handler for \
+                     wasm32-wasip2 (cargo build --target wasm32-wasip2) or wrap it with \
+                     `wasm-tools component new`"
+                );
+            }
+            bail!("{shown} is not a WebAssembly binary");
+        }
+
+        // The pool must be sized from the component's own counts of core
+        // instances, memories and tables, which are only known once it is
+        // compiled. Compile with an engine that is identical except for its
+        // allocation strategy, then move the compiled code to the pooling
+        // engine.
+        let probe = anyhow(Engine::new(&engine_config(limits)))
+            .context("failed to create the wasm engine")?;
+        let compiled = anyhow(Component::new(&probe, &bytes))
+            .with_context(|| format!("{shown} is not a valid component"))?;
+        check_exports(&probe, &compiled, &shown.to_string())?;
+        let counts = Counts::of(&compiled, &bytes, limits, &shown.to_string())?;
+
+        let mut config = engine_config(limits);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(
+            limits,
+            max_connections,
+            &counts,
+        )));
+        let engine =
+            anyhow(Engine::new(&config)).context("failed to create the pooling wasm engine")?;
+        let serialized =
+            anyhow(compiled.serialize()).context("failed to serialize the compiled component")?;
+        // SAFETY: these bytes were produced a moment ago by `serialize` in
+        // this process from an engine with the same code-generation
+        // settings; they are not read from anywhere an attacker can write.
+        let component = anyhow(unsafe { Component::deserialize(&engine, &serialized) })
+            .context("failed to load the compiled component into the pooling engine")?;
+
+        let mut linker = Linker::<HostState>::new(&engine);
+        anyhow(wasmtime_wasi::p2::add_to_linker_async(&mut linker))
+            .context("failed to add WASI to the linker")?;
+        anyhow(
+            crate::bindings::sockserver::handler::types::add_to_linker::<
+                HostState,
+                HasSelf<HostState>,
+            >(&mut linker, |state| state),
+        )
+        .context("failed to add the sockserver interfaces to the linker")?;
+        let instance_pre = anyhow(linker.instantiate_pre(&component))
+            .with_context(|| format!("{shown} needs an import the host does not provide"))?;
+        let pre = anyhow(SockserverPre::new(instance_pre))
+            .with_context(|| format!("{shown} does not match the sockserver world"))?;
+
+        let ticker = Ticker::start(engine.clone())?;
+        Ok(Runtime {
+            engine,
+            pre,
+            limits: limits.clone(),
+            _ticker: ticker,
+        })
+    }
+
+    /// The limits every connection runs under.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+}
+
+/// wasmtime 48 has its own error type; move it into anyhow so `.context`
+/// and `{:#}` work as everywhere else.
+fn anyhow<T>(result: wasmtime::Result<T>) -> Result<T> {
+    result.map_err(anyhow::Error::from)
+}
+
+/// The engine settings shared by the probe engine and the pooling engine.
+/// Anything that affects generated code must be set here, so that code
+/// compiled by one loads into the other.
+fn engine_config(limits: &Limits) -> Config {
+    let mut config = Config::new();
+    config.epoch_interruption(true);
+    config.max_wasm_stack(limits::MAX_WASM_STACK);
+    config.async_stack_size(limits::ASYNC_STACK);
+    // Reserve exactly the memory limit for each linear memory (rounded up to
+    // a 64 KiB page) instead of 4 GiB: the pool then needs max-connections ×
+    // limit of address space rather than × 4 GiB. Bounds checks become
+    // explicit, which costs little.
+    config.memory_reservation(memory_reservation(limits));
+    config.memory_reservation_for_growth(0);
+    config.memory_guard_size(2 << 20);
+    config.memory_may_move(false);
+    config
+}
+
+fn memory_reservation(limits: &Limits) -> u64 {
+    (limits.max_memory as u64).div_ceil(65536).max(1) * 65536
+}
+
+/// What one instance of the component takes from the pool.
+struct Counts {
+    core_instances: u32,
+    memories: u32,
+    tables: u32,
+}
+
+impl Counts {
+    fn of(component: &Component, bytes: &[u8], limits: &Limits, shown: &str) -> Result<Counts> {
+        let required = component
+            .resources_required()
+            .context("component requires resources that cannot be measured")?;
+        if let Some(initial) = required.max_initial_memory_size
+            && initial > limits.max_memory as u64
+        {
+            bail!(
+                "{shown} needs {} of initial linear memory, more than --max-memory ({})",
+                crate::config::format_size(initial),
+                crate::config::format_size(limits.max_memory as u64)
+            );
+        }
+        if let Some(initial) = required.max_initial_table_size
+            && initial > limits::MAX_TABLE_ELEMENTS as u64
+        {
+            bail!(
+                "{shown} needs a table of {initial} elements, more than the limit of {}",
+                limits::MAX_TABLE_ELEMENTS
+            );
+        }
+        if required.num_memories as usize > limits::MAX_MEMORIES
+            || required.num_tables as usize > limits::MAX_TABLES
+        {
+            bail!(
+                "{shown} needs {} memories and {} tables per instance, more than the limits of {} and {}",
+                required.num_memories,
+                required.num_tables,
+                limits::MAX_MEMORIES,
+                limits::MAX_TABLES
+            );
+        }
+        let core_instances = count_core_instances(bytes)?;
+        if core_instances as usize > limits::MAX_INSTANCES {
+            bail!(
+                "{shown} instantiates {core_instances} core modules, more than the limit of {}",
+                limits::MAX_INSTANCES
+            );
+        }
+        Ok(Counts {
+            core_instances,
+            memories: required.num_memories,
+            tables: required.num_tables,
+        })
+    }
+}
+
+/// Core instances a component creates when instantiated: every
+/// `instantiate` in its core-instance sections, nested components included.
+/// (Instances made from a bag of exports take no pool slot, but counting
+/// them too only over-provisions slightly.)
+fn count_core_instances(bytes: &[u8]) -> Result<u32> {
+    let mut count = 0u32;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        if let wasmparser::Payload::InstanceSection(reader) =
+            payload.context("failed to parse component")?
+        {
+            count += reader.count();
+        }
+    }
+    Ok(count)
+}
+
+/// Size the pooling allocator for `max_connections` live instances.
+///
+/// Every `total_*` defaults to 1000, which would fail connection 1001, so
+/// each is derived from the connection limit and the component's counts.
+fn pool_config(
+    limits: &Limits,
+    max_connections: usize,
+    counts: &Counts,
+) -> PoolingAllocationConfig {
+    let n = u32::try_from(max_connections).unwrap_or(u32::MAX);
+    let times = |per: u32| n.saturating_mul(per.max(1));
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(n)
+        .total_stacks(n)
+        .total_core_instances(times(counts.core_instances))
+        .total_memories(times(counts.memories))
+        .total_tables(times(counts.tables))
+        .max_memory_size(memory_reservation(limits) as usize)
+        .table_elements(limits::MAX_TABLE_ELEMENTS);
+    pool
+}
+
+/// Check the component exports the handler interface, naming what it does
+/// export when it does not.
+fn check_exports(engine: &Engine, component: &Component, shown: &str) -> Result<()> {
+    let ty = component.component_type();
+    let mut names = Vec::new();
+    for (name, _) in ty.exports(engine) {
+        if name.starts_with(HANDLER_EXPORT) {
+            return Ok(());
+        }
+        names.push(name.to_string());
+    }
+    let found = if names.is_empty() {
+        "nothing".to_string()
+    } else {
+        names.join(", ")
+    };
+    bail!("{shown} does not export sockserver:handler/handler@0.1.0 (it exports {found})")
+}
+
+/// The thread that drives epoch interruption for one engine.
+struct Ticker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Ticker {
+    fn start(engine: Engine) -> Result<Ticker> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("epoch-ticker".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    std::thread::sleep(limits::EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })
+            .context("failed to start the epoch ticker thread")?;
+        Ok(Ticker {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

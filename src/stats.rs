@@ -1,0 +1,178 @@
+//! In-process counters and gauges: connections open, live Stores, outcomes
+//! and limit breaches. Embedders and tests read them through [`Stats`];
+//! `changed()` lets a test wait for an event instead of sleeping.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::sync::Notify;
+
+use crate::limits::LimitKind;
+
+/// How a connection ended, as counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OutcomeKind {
+    /// `handle` returned `ok`.
+    Ok,
+    /// `handle` returned `err(msg)`.
+    Err,
+    /// The guest trapped (panic, unreachable, stack overflow, ...).
+    Trap,
+    /// A limit ended it; which one is counted in [`Stats::limit_hits`].
+    Limit,
+    /// The client reset the connection while the handler was using it.
+    ClientReset,
+    /// The server was shutting down and the drain deadline passed.
+    Cancelled,
+    /// The host could not set the connection up (for example the instance
+    /// pool was exhausted).
+    Failed,
+}
+
+impl OutcomeKind {
+    pub const ALL: [OutcomeKind; 7] = [
+        OutcomeKind::Ok,
+        OutcomeKind::Err,
+        OutcomeKind::Trap,
+        OutcomeKind::Limit,
+        OutcomeKind::ClientReset,
+        OutcomeKind::Cancelled,
+        OutcomeKind::Failed,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OutcomeKind::Ok => "ok",
+            OutcomeKind::Err => "err",
+            OutcomeKind::Trap => "trap",
+            OutcomeKind::Limit => "limit",
+            OutcomeKind::ClientReset => "client_reset",
+            OutcomeKind::Cancelled => "cancelled",
+            OutcomeKind::Failed => "failed",
+        }
+    }
+
+    fn index(self) -> usize {
+        OutcomeKind::ALL
+            .iter()
+            .position(|k| *k == self)
+            .unwrap_or(0)
+    }
+}
+
+/// Live counters for one server. Shared by the acceptor and every
+/// connection task; cheap relaxed atomics on the hot path.
+#[derive(Default)]
+pub struct Stats {
+    accepted: AtomicU64,
+    open: AtomicU64,
+    live_stores: AtomicU64,
+    accept_errors: AtomicU64,
+    outcomes: [AtomicU64; OutcomeKind::ALL.len()],
+    limits: [AtomicU64; LimitKind::ALL.len()],
+    changed: Notify,
+}
+
+impl Stats {
+    /// Connections accepted since start.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Connections open right now (accepted and not yet closed).
+    pub fn open_connections(&self) -> u64 {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Wasm Stores alive right now. Returns to 0 when no connection is being
+    /// served; anything else is a leak.
+    pub fn live_stores(&self) -> u64 {
+        self.live_stores.load(Ordering::Relaxed)
+    }
+
+    /// Accept calls that failed (each is retried or backed off).
+    pub fn accept_errors(&self) -> u64 {
+        self.accept_errors.load(Ordering::Relaxed)
+    }
+
+    /// Connections that ended with `kind`.
+    pub fn outcomes(&self, kind: OutcomeKind) -> u64 {
+        self.outcomes[kind.index()].load(Ordering::Relaxed)
+    }
+
+    /// Connections that `limit` ended.
+    pub fn limit_hits(&self, limit: LimitKind) -> u64 {
+        let index = LimitKind::ALL.iter().position(|k| *k == limit).unwrap_or(0);
+        self.limits[index].load(Ordering::Relaxed)
+    }
+
+    /// Connections closed since start, whatever their outcome.
+    pub fn closed(&self) -> u64 {
+        OutcomeKind::ALL.iter().map(|k| self.outcomes(*k)).sum()
+    }
+
+    /// Wait until `condition` holds. Re-checked after every change to these
+    /// counters, so a caller never needs to poll or sleep.
+    pub async fn wait_for(&self, mut condition: impl FnMut(&Stats) -> bool) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if condition(self) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    fn bump(&self, counter: &AtomicU64, delta: i64) {
+        if delta >= 0 {
+            counter.fetch_add(delta as u64, Ordering::Relaxed);
+        } else {
+            counter.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+        }
+        self.changed.notify_waiters();
+    }
+
+    pub(crate) fn accept_error(&self) {
+        self.bump(&self.accept_errors, 1);
+    }
+
+    /// Count an accepted connection; the guard counts it closed when dropped.
+    pub(crate) fn connection_opened(&self) -> Gauge<'_> {
+        self.bump(&self.accepted, 1);
+        self.bump(&self.open, 1);
+        Gauge {
+            stats: self,
+            counter: &self.open,
+        }
+    }
+
+    /// Count a live Store; the guard counts it gone when dropped.
+    pub(crate) fn store_created(&self) -> Gauge<'_> {
+        self.bump(&self.live_stores, 1);
+        Gauge {
+            stats: self,
+            counter: &self.live_stores,
+        }
+    }
+
+    pub(crate) fn record(&self, outcome: OutcomeKind, limit: Option<LimitKind>) {
+        if let Some(limit) = limit {
+            let index = LimitKind::ALL.iter().position(|k| *k == limit).unwrap_or(0);
+            self.limits[index].fetch_add(1, Ordering::Relaxed);
+        }
+        self.bump(&self.outcomes[outcome.index()], 1);
+    }
+}
+
+/// Decrements a gauge when dropped, however the owner ends.
+pub(crate) struct Gauge<'a> {
+    stats: &'a Stats,
+    counter: &'a AtomicU64,
+}
+
+impl Drop for Gauge<'_> {
+    fn drop(&mut self) {
+        self.stats.bump(self.counter, -1);
+    }
+}
