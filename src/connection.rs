@@ -209,7 +209,10 @@ fn classify(
     if state.limiter.refused_memory {
         return Outcome::Limit(LimitKind::Memory);
     }
-    if error.downcast_ref::<ResourceTableError>().is_some() {
+    // The host's resource table and the component's handle table are both
+    // capped at MAX_TABLE_ENTRIES; wasmtime reports the latter only as text.
+    let handle_limit = error.chain().any(|cause| cause.to_string().contains("handle limit exceeded"));
+    if handle_limit || error.downcast_ref::<ResourceTableError>().is_some() {
         return Outcome::Limit(LimitKind::Table);
     }
     if socket.was_reset() {

@@ -56,6 +56,10 @@ impl GuestLog {
     }
 
     fn emit(&self, line: &[u8]) {
+        // Blank lines (Rust's panic message starts with one) carry nothing.
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
         let left = self
             .lines_left
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));

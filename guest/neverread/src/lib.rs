@@ -1,0 +1,16 @@
+//! Test fixture: never reads; blocks on a one-hour clock pollable while the
+//! client pushes bytes at it.
+
+use sockserver_guest::bindings::wasi::clocks::monotonic_clock;
+use sockserver_guest::{Connection, Handler, InputStream, OutputStream, export_handler};
+
+struct NeverRead;
+
+impl Handler for NeverRead {
+    fn handle(_conn: Connection, _input: InputStream, _output: OutputStream) -> Result<(), String> {
+        monotonic_clock::subscribe_duration(3600 * 1_000_000_000).block();
+        Ok(())
+    }
+}
+
+export_handler!(NeverRead);

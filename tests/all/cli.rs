@@ -1,0 +1,115 @@
+//! Bad input on the command line: one line on stderr naming the problem, a
+//! non-zero exit, and never a panic.
+
+use crate::util::{guest, run_binary};
+
+/// Run with `args`; assert a non-zero exit and exactly one stderr line
+/// containing every one of `needles`.
+async fn refuses(args: &[&str], needles: &[&str]) {
+    let (code, stderr) = run_binary(args).await;
+    assert_ne!(code, 0, "{args:?} exited 0; stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?} printed {} lines: {stderr}", lines.len());
+    for needle in needles {
+        assert!(lines[0].contains(needle), "{args:?}: {:?} does not mention {needle:?}", lines[0]);
+    }
+    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
+}
+
+fn module(name: &str) -> String {
+    guest(name).to_str().unwrap().to_string()
+}
+
+/// Ensure a missing module file is named with the OS reason.
+#[tokio::test]
+async fn missing_file() {
+    refuses(&["--module", "/nonexistent/handler.wasm"], &["/nonexistent/handler.wasm", "No such file"]).await;
+}
+
+/// Ensure a directory (unreadable as a file) is refused.
+#[tokio::test]
+async fn unreadable_file() {
+    refuses(&["--module", "/"], &["cannot read module /"]).await;
+}
+
+/// Ensure a file that is not wasm at all is called that.
+#[tokio::test]
+async fn not_wasm() {
+    let dir = tempdir();
+    let path = dir.join("notes.wasm");
+    std::fs::write(&path, b"this is not webassembly").unwrap();
+    refuses(&["--module", path.to_str().unwrap()], &["is not a WebAssembly binary"]).await;
+}
+
+/// Ensure a core module is recognised as such, with how to make a
+/// component.
+#[tokio::test]
+async fn core_module() {
+    let dir = tempdir();
+    let path = dir.join("core.wasm");
+    std::fs::write(&path, b"\0asm\x01\0\0\0").unwrap();
+    refuses(&["--module", path.to_str().unwrap()], &["core wasm module, not a component", "wasm32-wasip2"]).await;
+}
+
+/// Ensure a component without the handler export is refused, naming what
+/// it does export.
+#[tokio::test]
+async fn missing_handler_export() {
+    refuses(
+        &["--module", &module("wrongexport")],
+        &["does not export sockserver:handler/handler@0.1.0", "wasi:cli/run@0.2"],
+    )
+    .await;
+}
+
+/// Ensure a component importing something the host lacks is refused,
+/// naming the import.
+#[tokio::test]
+async fn missing_import() {
+    refuses(&["--module", &module("badimport")], &["sockserver-test:badimport/missing"]).await;
+}
+
+/// Ensure a port already in use is reported as such.
+#[tokio::test]
+async fn address_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    refuses(&["--module", &module("echo"), "--listen", &addr], &[&addr, "in use"]).await;
+}
+
+/// Ensure an unparsable listen address is refused.
+#[tokio::test]
+async fn invalid_address() {
+    refuses(&["--module", &module("echo"), "--listen", "localhost:seven"], &["--listen", "localhost:seven"]).await;
+}
+
+/// Ensure `--max-connections 0` is refused.
+#[tokio::test]
+async fn zero_connections() {
+    refuses(&["--module", &module("echo"), "--max-connections", "0"], &["--max-connections", "0"]).await;
+}
+
+/// Ensure a missing --module is one line too.
+#[tokio::test]
+async fn no_module() {
+    refuses(&[], &["--module"]).await;
+}
+
+/// Ensure `--help` and `--version` work and exit 0.
+#[tokio::test]
+async fn help_and_version() {
+    let (code, _) = run_binary(&["--help"]).await;
+    assert_eq!(code, 0);
+    let out = crate::util::binary().arg("--version").output().await.unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("wasm-sockserver 0.1.0"));
+}
+
+/// A fresh directory for this test's files.
+fn tempdir() -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("wasm-sockserver-test-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}

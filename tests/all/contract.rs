@@ -1,0 +1,70 @@
+//! The WIT contract as a handler sees it: the connection resource, guest
+//! stdout/stderr in the host log, `err` results, and the binary's address
+//! line and signal handling.
+
+use tokio::io::AsyncWriteExt;
+
+use crate::util::{Binary, TestServer, config, guest, read_to_close, roundtrip};
+
+/// Ensure `connection` reports the id and both addresses as the client
+/// sees them, formatted like Rust's SocketAddr.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_resource() {
+    let server = TestServer::start(config("connid")).await;
+    for expected_id in 1..=2u64 {
+        let stream = server.connect().await;
+        let client = stream.local_addr().unwrap();
+        let got = String::from_utf8(roundtrip(stream, b"").await).unwrap();
+        assert_eq!(got, format!("{expected_id} {client} {}\n", server.addr));
+    }
+    server.stop().await;
+}
+
+/// Ensure `--listen 127.0.0.1:0` prints the real address, that address
+/// serves, guest stdout/stderr become log lines tagged with the connection
+/// id, the outcome is logged once per connection, and SIGTERM exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_serves_logs_and_stops() {
+    let module = guest("connid");
+    let mut server = Binary::start(&["--module", module.to_str().unwrap(), "--listen", "127.0.0.1:0"]).await;
+    assert_ne!(server.addr.port(), 0);
+
+    let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stream.write_all(b"fail").await.unwrap();
+    let (reply, _) = read_to_close(&mut stream).await;
+    assert!(String::from_utf8(reply).unwrap().starts_with("1 127.0.0.1:"));
+
+    let stdout = server.log_line(&["conn=1", "stream=\"stdout\"", "hello from connection 1"]).await;
+    assert!(stdout.contains("INFO"), "{stdout}");
+    server.log_line(&["conn=1", "stream=\"stderr\"", "stderr line one"]).await;
+    server.log_line(&["conn=1", "stderr line two"]).await;
+    let closed = server.log_line(&["connection closed", "conn=1"]).await;
+    assert!(closed.contains("outcome=err"), "{closed}");
+    assert!(closed.contains("client asked for failure"), "{closed}");
+    assert!(closed.contains("bytes_in=4"), "{closed}");
+
+    server.signal(libc::SIGTERM);
+    let status = tokio::time::timeout(crate::util::PATIENCE, server.child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// Ensure shutdown waits for a live connection to finish: after SIGTERM
+/// the server stops accepting, the live client can still complete its
+/// exchange, and the process then exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_live_connections() {
+    let module = guest("echo");
+    let mut server = Binary::start(&["--module", module.to_str().unwrap(), "--listen", "127.0.0.1:0"]).await;
+    let mut live = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    assert_eq!(crate::util::ping(&mut live, b"one").await, b"one");
+
+    server.signal(libc::SIGINT);
+    server.log_line(&["draining connections", "live=1"]).await;
+    assert!(tokio::net::TcpStream::connect(server.addr).await.is_err(), "still accepting after the signal");
+    assert_eq!(crate::util::ping(&mut live, b"two").await, b"two");
+    live.shutdown().await.unwrap();
+    let (rest, reset) = read_to_close(&mut live).await;
+    assert!(rest.is_empty() && !reset);
+    let status = tokio::time::timeout(crate::util::PATIENCE, server.child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+}

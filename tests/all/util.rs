@@ -1,0 +1,208 @@
+//! Shared test helpers: building the guest fixtures once, an in-process
+//! server on port 0, the binary on port 0, and socket clients.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::sync::oneshot;
+use wasm_sockserver::{Config, Server, Stats};
+
+/// Generous bound for things that should take milliseconds: a failure here
+/// is a hang, not a slow machine.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The path of guest fixture `name`, building every guest (once per test
+/// run) with the same script a developer uses.
+pub fn guest(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = std::process::Command::new("bash")
+            .arg(root().join("scripts/build-guests.sh"))
+            .status()
+            .expect("run scripts/build-guests.sh");
+        assert!(status.success(), "building the guests failed");
+    });
+    let path = root().join("guest/target/wasm32-wasip2/release").join(format!("{name}.wasm"));
+    assert!(path.exists(), "no guest fixture {}", path.display());
+    path
+}
+
+/// A config for fixture `name` with a small pool, so many test servers fit
+/// in one process.
+pub fn config(name: &str) -> Config {
+    let mut config = Config::new(guest(name));
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.max_connections = 100;
+    config.shutdown_timeout = Duration::from_secs(5);
+    config
+}
+
+/// A server running in this process on 127.0.0.1:0.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub stats: Arc<Stats>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> TestServer {
+        let server = Server::new(&config).expect("load the server");
+        let listener = wasm_sockserver::bind(config.listen).expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let stats = server.stats();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(server.run(listener, async {
+            let _ = rx.await;
+        }));
+        TestServer { addr, stats, shutdown: Some(tx), task: Some(task) }
+    }
+
+    pub async fn connect(&self) -> TcpStream {
+        let stream = TcpStream::connect(self.addr).await.expect("connect");
+        stream.set_nodelay(true).unwrap();
+        stream
+    }
+
+    /// Wait (bounded) until the counters satisfy `condition`.
+    pub async fn wait_for(&self, what: &str, condition: impl FnMut(&Stats) -> bool) {
+        if tokio::time::timeout(PATIENCE, self.stats.wait_for(condition)).await.is_err() {
+            panic!(
+                "timed out waiting for {what}: open={} stores={} closed={}",
+                self.stats.open_connections(),
+                self.stats.live_stores(),
+                self.stats.closed()
+            );
+        }
+    }
+
+    /// Stop the server and wait for it to finish draining.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+        let task = self.task.take().unwrap();
+        tokio::time::timeout(PATIENCE, task).await.expect("server stops").unwrap().unwrap();
+    }
+}
+
+/// Send `data`, half-close, and read everything until EOF, concurrently so
+/// neither side's buffers fill up.
+pub async fn roundtrip(stream: TcpStream, data: &[u8]) -> Vec<u8> {
+    let (mut rd, mut wr) = stream.into_split();
+    let data = data.to_vec();
+    let writer = tokio::spawn(async move {
+        wr.write_all(&data).await.unwrap();
+        wr.shutdown().await.unwrap();
+        wr
+    });
+    let mut got = Vec::new();
+    tokio::time::timeout(PATIENCE, rd.read_to_end(&mut got)).await.expect("echo finishes").unwrap();
+    let _ = writer.await.unwrap();
+    got
+}
+
+/// Write `msg` and read exactly as many bytes back.
+pub async fn ping(stream: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
+    stream.write_all(msg).await.unwrap();
+    let mut back = vec![0; msg.len()];
+    tokio::time::timeout(PATIENCE, stream.read_exact(&mut back)).await.expect("echo reply").unwrap();
+    back
+}
+
+/// Read until EOF or error; returns what was read and whether it ended in
+/// an error (a reset) rather than a clean EOF.
+pub async fn read_to_close(stream: &mut TcpStream) -> (Vec<u8>, bool) {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await.expect("server closes") {
+            Ok(0) => return (got, false),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return (got, true),
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+/// The server binary, started with `args`, with stdout and stderr piped.
+pub struct Binary {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub stderr: tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+}
+
+pub fn binary() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasm-sockserver"));
+    cmd.env("RUST_LOG", "info").env("NO_COLOR", "1").stdin(Stdio::null()).kill_on_drop(true);
+    cmd
+}
+
+impl Binary {
+    /// Start the binary and wait for its `listening on` line.
+    pub async fn start(args: &[&str]) -> Binary {
+        Binary::start_with(binary().args(args)).await
+    }
+
+    pub async fn start_with(cmd: &mut Command) -> Binary {
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn binary");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let first = tokio::time::timeout(PATIENCE, lines.next_line())
+            .await
+            .expect("listening line in time")
+            .unwrap()
+            .expect("a listening line");
+        let addr = first.strip_prefix("listening on ").expect("listening on IP:PORT").parse().expect("an address");
+        let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        Binary { child, addr, stderr }
+    }
+
+    /// Read stderr until a line containing every one of `needles`; returns
+    /// that line. Panics if the process closes stderr first.
+    pub async fn log_line(&mut self, needles: &[&str]) -> String {
+        let wait = async {
+            while let Some(line) = self.stderr.next_line().await.unwrap() {
+                if needles.iter().all(|n| line.contains(n)) {
+                    return line;
+                }
+            }
+            panic!("stderr closed before a line with {needles:?}");
+        };
+        tokio::time::timeout(PATIENCE, wait).await.unwrap_or_else(|_| panic!("no log line with {needles:?}"))
+    }
+
+    /// Send a signal to the server process.
+    pub fn signal(&self, signal: i32) {
+        let pid = self.child.id().expect("running") as i32;
+        // SAFETY: plain kill(2) on our own child.
+        assert_eq!(unsafe { libc::kill(pid, signal) }, 0);
+    }
+}
+
+/// Run the binary with `args` to completion (it must exit on its own).
+/// Returns the exit code and stderr.
+pub async fn run_binary(args: &[&str]) -> (i32, String) {
+    let out = tokio::time::timeout(PATIENCE, binary().args(args).output()).await.expect("binary exits").unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
