@@ -13,7 +13,9 @@ use wasm_sockserver::{Config, OutcomeKind, Server};
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
     let mut args = std::env::args().skip(1);
     let module = args.next().context("usage: embed MODULE.wasm [ADDR]")?;
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:0".into());

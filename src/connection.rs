@@ -211,7 +211,9 @@ fn classify(
     }
     // The host's resource table and the component's handle table are both
     // capped at MAX_TABLE_ENTRIES; wasmtime reports the latter only as text.
-    let handle_limit = error.chain().any(|cause| cause.to_string().contains("handle limit exceeded"));
+    let handle_limit = error
+        .chain()
+        .any(|cause| cause.to_string().contains("handle limit exceeded"));
     if handle_limit || error.downcast_ref::<ResourceTableError>().is_some() {
         return Outcome::Limit(LimitKind::Table);
     }
@@ -268,6 +270,7 @@ pub(crate) async fn serve(
 ) {
     let started = Instant::now();
     let _open = stats.connection_opened();
+    tracing::debug!(conn = id, %peer, "connection accepted");
     let local = tcp
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));

@@ -119,7 +119,7 @@ impl Server {
             cut_off.cancel();
             connections.wait().await;
         }
-        tracing::info!("shutdown complete");
+        tracing::info!(stats = %self.stats.summary(), "shutdown complete");
         Ok(())
     }
 

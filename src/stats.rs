@@ -65,6 +65,7 @@ impl OutcomeKind {
 pub struct Stats {
     accepted: AtomicU64,
     open: AtomicU64,
+    peak_open: AtomicU64,
     live_stores: AtomicU64,
     accept_errors: AtomicU64,
     outcomes: [AtomicU64; OutcomeKind::ALL.len()],
@@ -81,6 +82,12 @@ impl Stats {
     /// Connections open right now (accepted and not yet closed).
     pub fn open_connections(&self) -> u64 {
         self.open.load(Ordering::Relaxed)
+    }
+
+    /// The most connections that were ever open at once: never above
+    /// `--max-connections`.
+    pub fn peak_open_connections(&self) -> u64 {
+        self.peak_open.load(Ordering::Relaxed)
     }
 
     /// Wasm Stores alive right now. Returns to 0 when no connection is being
@@ -133,6 +140,29 @@ impl Stats {
         self.changed.notify_waiters();
     }
 
+    /// A one-line summary for the shutdown log.
+    pub fn summary(&self) -> String {
+        let mut text = format!(
+            "accepted={} open={} peak_open={} live_stores={} accept_errors={}",
+            self.accepted(),
+            self.open_connections(),
+            self.peak_open_connections(),
+            self.live_stores(),
+            self.accept_errors()
+        );
+        for kind in OutcomeKind::ALL {
+            text.push_str(&format!(" {}={}", kind.name(), self.outcomes(kind)));
+        }
+        for limit in LimitKind::ALL {
+            text.push_str(&format!(
+                " limit_{}={}",
+                limit.name(),
+                self.limit_hits(limit)
+            ));
+        }
+        text
+    }
+
     pub(crate) fn accept_error(&self) {
         self.bump(&self.accept_errors, 1);
     }
@@ -140,7 +170,9 @@ impl Stats {
     /// Count an accepted connection; the guard counts it closed when dropped.
     pub(crate) fn connection_opened(&self) -> Gauge<'_> {
         self.bump(&self.accepted, 1);
-        self.bump(&self.open, 1);
+        let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        self.peak_open.fetch_max(open, Ordering::Relaxed);
+        self.changed.notify_waiters();
         Gauge {
             stats: self,
             counter: &self.open,

@@ -9,11 +9,23 @@ async fn refuses(args: &[&str], needles: &[&str]) {
     let (code, stderr) = run_binary(args).await;
     assert_ne!(code, 0, "{args:?} exited 0; stderr: {stderr}");
     let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{args:?} printed {} lines: {stderr}", lines.len());
+    assert_eq!(
+        lines.len(),
+        1,
+        "{args:?} printed {} lines: {stderr}",
+        lines.len()
+    );
     for needle in needles {
-        assert!(lines[0].contains(needle), "{args:?}: {:?} does not mention {needle:?}", lines[0]);
+        assert!(
+            lines[0].contains(needle),
+            "{args:?}: {:?} does not mention {needle:?}",
+            lines[0]
+        );
     }
-    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "{stderr}"
+    );
 }
 
 fn module(name: &str) -> String {
@@ -23,7 +35,11 @@ fn module(name: &str) -> String {
 /// Ensure a missing module file is named with the OS reason.
 #[tokio::test]
 async fn missing_file() {
-    refuses(&["--module", "/nonexistent/handler.wasm"], &["/nonexistent/handler.wasm", "No such file"]).await;
+    refuses(
+        &["--module", "/nonexistent/handler.wasm"],
+        &["/nonexistent/handler.wasm", "No such file"],
+    )
+    .await;
 }
 
 /// Ensure a directory (unreadable as a file) is refused.
@@ -38,7 +54,11 @@ async fn not_wasm() {
     let dir = tempdir();
     let path = dir.join("notes.wasm");
     std::fs::write(&path, b"this is not webassembly").unwrap();
-    refuses(&["--module", path.to_str().unwrap()], &["is not a WebAssembly binary"]).await;
+    refuses(
+        &["--module", path.to_str().unwrap()],
+        &["is not a WebAssembly binary"],
+    )
+    .await;
 }
 
 /// Ensure a core module is recognised as such, with how to make a
@@ -48,7 +68,11 @@ async fn core_module() {
     let dir = tempdir();
     let path = dir.join("core.wasm");
     std::fs::write(&path, b"\0asm\x01\0\0\0").unwrap();
-    refuses(&["--module", path.to_str().unwrap()], &["core wasm module, not a component", "wasm32-wasip2"]).await;
+    refuses(
+        &["--module", path.to_str().unwrap()],
+        &["core wasm module, not a component", "wasm32-wasip2"],
+    )
+    .await;
 }
 
 /// Ensure a component without the handler export is refused, naming what
@@ -57,7 +81,10 @@ async fn core_module() {
 async fn missing_handler_export() {
     refuses(
         &["--module", &module("wrongexport")],
-        &["does not export sockserver:handler/handler@0.1.0", "wasi:cli/run@0.2"],
+        &[
+            "does not export sockserver:handler/handler@0.1.0",
+            "wasi:cli/run@0.2",
+        ],
     )
     .await;
 }
@@ -66,7 +93,11 @@ async fn missing_handler_export() {
 /// naming the import.
 #[tokio::test]
 async fn missing_import() {
-    refuses(&["--module", &module("badimport")], &["sockserver-test:badimport/missing"]).await;
+    refuses(
+        &["--module", &module("badimport")],
+        &["sockserver-test:badimport/missing"],
+    )
+    .await;
 }
 
 /// Ensure a port already in use is reported as such.
@@ -74,19 +105,31 @@ async fn missing_import() {
 async fn address_in_use() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    refuses(&["--module", &module("echo"), "--listen", &addr], &[&addr, "in use"]).await;
+    refuses(
+        &["--module", &module("echo"), "--listen", &addr],
+        &[&addr, "in use"],
+    )
+    .await;
 }
 
 /// Ensure an unparsable listen address is refused.
 #[tokio::test]
 async fn invalid_address() {
-    refuses(&["--module", &module("echo"), "--listen", "localhost:seven"], &["--listen", "localhost:seven"]).await;
+    refuses(
+        &["--module", &module("echo"), "--listen", "localhost:seven"],
+        &["--listen", "localhost:seven"],
+    )
+    .await;
 }
 
 /// Ensure `--max-connections 0` is refused.
 #[tokio::test]
 async fn zero_connections() {
-    refuses(&["--module", &module("echo"), "--max-connections", "0"], &["--max-connections", "0"]).await;
+    refuses(
+        &["--module", &module("echo"), "--max-connections", "0"],
+        &["--max-connections", "0"],
+    )
+    .await;
 }
 
 /// Ensure a missing --module is one line too.
@@ -100,7 +143,11 @@ async fn no_module() {
 async fn help_and_version() {
     let (code, _) = run_binary(&["--help"]).await;
     assert_eq!(code, 0);
-    let out = crate::util::binary().arg("--version").output().await.unwrap();
+    let out = crate::util::binary()
+        .arg("--version")
+        .output()
+        .await
+        .unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("wasm-sockserver 0.1.0"));
 }

@@ -26,17 +26,31 @@ async fn connection_resource() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_serves_logs_and_stops() {
     let module = guest("connid");
-    let mut server = Binary::start(&["--module", module.to_str().unwrap(), "--listen", "127.0.0.1:0"]).await;
+    let mut server = Binary::start(&[
+        "--module",
+        module.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
     assert_ne!(server.addr.port(), 0);
 
     let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     stream.write_all(b"fail").await.unwrap();
     let (reply, _) = read_to_close(&mut stream).await;
-    assert!(String::from_utf8(reply).unwrap().starts_with("1 127.0.0.1:"));
+    assert!(
+        String::from_utf8(reply)
+            .unwrap()
+            .starts_with("1 127.0.0.1:")
+    );
 
-    let stdout = server.log_line(&["conn=1", "stream=\"stdout\"", "hello from connection 1"]).await;
+    let stdout = server
+        .log_line(&["conn=1", "stream=\"stdout\"", "hello from connection 1"])
+        .await;
     assert!(stdout.contains("INFO"), "{stdout}");
-    server.log_line(&["conn=1", "stream=\"stderr\"", "stderr line one"]).await;
+    server
+        .log_line(&["conn=1", "stream=\"stderr\"", "stderr line one"])
+        .await;
     server.log_line(&["conn=1", "stderr line two"]).await;
     let closed = server.log_line(&["connection closed", "conn=1"]).await;
     assert!(closed.contains("outcome=err"), "{closed}");
@@ -44,7 +58,10 @@ async fn binary_serves_logs_and_stops() {
     assert!(closed.contains("bytes_in=4"), "{closed}");
 
     server.signal(libc::SIGTERM);
-    let status = tokio::time::timeout(crate::util::PATIENCE, server.child.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(crate::util::PATIENCE, server.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status.code(), Some(0));
 }
 
@@ -54,17 +71,29 @@ async fn binary_serves_logs_and_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_live_connections() {
     let module = guest("echo");
-    let mut server = Binary::start(&["--module", module.to_str().unwrap(), "--listen", "127.0.0.1:0"]).await;
+    let mut server = Binary::start(&[
+        "--module",
+        module.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
     let mut live = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     assert_eq!(crate::util::ping(&mut live, b"one").await, b"one");
 
     server.signal(libc::SIGINT);
     server.log_line(&["draining connections", "live=1"]).await;
-    assert!(tokio::net::TcpStream::connect(server.addr).await.is_err(), "still accepting after the signal");
+    assert!(
+        tokio::net::TcpStream::connect(server.addr).await.is_err(),
+        "still accepting after the signal"
+    );
     assert_eq!(crate::util::ping(&mut live, b"two").await, b"two");
     live.shutdown().await.unwrap();
     let (rest, reset) = read_to_close(&mut live).await;
     assert!(rest.is_empty() && !reset);
-    let status = tokio::time::timeout(crate::util::PATIENCE, server.child.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(crate::util::PATIENCE, server.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status.code(), Some(0));
 }

@@ -32,15 +32,26 @@ async fn concurrent_clients() {
         let mut stream = server.connect().await;
         clients.push(tokio::spawn(async move {
             for round in 0..100u64 {
-                let msg = pattern(1 + ((client * 37 + round * 11) % 300) as usize, client * 1000 + round);
-                assert_eq!(ping(&mut stream, &msg).await, msg, "client {client} round {round}");
+                let msg = pattern(
+                    1 + ((client * 37 + round * 11) % 300) as usize,
+                    client * 1000 + round,
+                );
+                assert_eq!(
+                    ping(&mut stream, &msg).await,
+                    msg,
+                    "client {client} round {round}"
+                );
             }
         }));
     }
     for client in clients {
         client.await.unwrap();
     }
-    server.wait_for("all 64 connections to close", |s| s.closed() == 64 && s.live_stores() == 0).await;
+    server
+        .wait_for("all 64 connections to close", |s| {
+            s.closed() == 64 && s.live_stores() == 0
+        })
+        .await;
     assert_eq!(server.stats.outcomes(wasm_sockserver::OutcomeKind::Ok), 64);
     server.stop().await;
 }
@@ -53,8 +64,15 @@ async fn half_close() {
     let server = TestServer::start(config("echo")).await;
     let data = pattern(100_000, 7);
     let got = roundtrip(server.connect().await, &data).await;
-    assert!(got == data, "got {} bytes back, expected {}", got.len(), data.len());
-    server.wait_for("the connection to close", |s| s.closed() == 1).await;
+    assert!(
+        got == data,
+        "got {} bytes back, expected {}",
+        got.len(),
+        data.len()
+    );
+    server
+        .wait_for("the connection to close", |s| s.closed() == 1)
+        .await;
     assert_eq!(server.stats.outcomes(wasm_sockserver::OutcomeKind::Ok), 1);
     server.stop().await;
 }

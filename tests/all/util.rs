@@ -32,7 +32,9 @@ pub fn guest(name: &str) -> PathBuf {
             .expect("run scripts/build-guests.sh");
         assert!(status.success(), "building the guests failed");
     });
-    let path = root().join("guest/target/wasm32-wasip2/release").join(format!("{name}.wasm"));
+    let path = root()
+        .join("guest/target/wasm32-wasip2/release")
+        .join(format!("{name}.wasm"));
     assert!(path.exists(), "no guest fixture {}", path.display());
     path
 }
@@ -65,7 +67,12 @@ impl TestServer {
         let task = tokio::spawn(server.run(listener, async {
             let _ = rx.await;
         }));
-        TestServer { addr, stats, shutdown: Some(tx), task: Some(task) }
+        TestServer {
+            addr,
+            stats,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
     }
 
     pub async fn connect(&self) -> TcpStream {
@@ -76,7 +83,10 @@ impl TestServer {
 
     /// Wait (bounded) until the counters satisfy `condition`.
     pub async fn wait_for(&self, what: &str, condition: impl FnMut(&Stats) -> bool) {
-        if tokio::time::timeout(PATIENCE, self.stats.wait_for(condition)).await.is_err() {
+        if tokio::time::timeout(PATIENCE, self.stats.wait_for(condition))
+            .await
+            .is_err()
+        {
             panic!(
                 "timed out waiting for {what}: open={} stores={} closed={}",
                 self.stats.open_connections(),
@@ -90,7 +100,11 @@ impl TestServer {
     pub async fn stop(mut self) {
         let _ = self.shutdown.take().unwrap().send(());
         let task = self.task.take().unwrap();
-        tokio::time::timeout(PATIENCE, task).await.expect("server stops").unwrap().unwrap();
+        tokio::time::timeout(PATIENCE, task)
+            .await
+            .expect("server stops")
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -105,7 +119,10 @@ pub async fn roundtrip(stream: TcpStream, data: &[u8]) -> Vec<u8> {
         wr
     });
     let mut got = Vec::new();
-    tokio::time::timeout(PATIENCE, rd.read_to_end(&mut got)).await.expect("echo finishes").unwrap();
+    tokio::time::timeout(PATIENCE, rd.read_to_end(&mut got))
+        .await
+        .expect("echo finishes")
+        .unwrap();
     let _ = writer.await.unwrap();
     got
 }
@@ -114,7 +131,10 @@ pub async fn roundtrip(stream: TcpStream, data: &[u8]) -> Vec<u8> {
 pub async fn ping(stream: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
     stream.write_all(msg).await.unwrap();
     let mut back = vec![0; msg.len()];
-    tokio::time::timeout(PATIENCE, stream.read_exact(&mut back)).await.expect("echo reply").unwrap();
+    tokio::time::timeout(PATIENCE, stream.read_exact(&mut back))
+        .await
+        .expect("echo reply")
+        .unwrap();
     back
 }
 
@@ -124,7 +144,10 @@ pub async fn read_to_close(stream: &mut TcpStream) -> (Vec<u8>, bool) {
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
-        match tokio::time::timeout(PATIENCE, stream.read(&mut buf)).await.expect("server closes") {
+        match tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+            .await
+            .expect("server closes")
+        {
             Ok(0) => return (got, false),
             Ok(n) => got.extend_from_slice(&buf[..n]),
             Err(_) => return (got, true),
@@ -154,7 +177,10 @@ pub struct Binary {
 
 pub fn binary() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasm-sockserver"));
-    cmd.env("RUST_LOG", "info").env("NO_COLOR", "1").stdin(Stdio::null()).kill_on_drop(true);
+    cmd.env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
     cmd
 }
 
@@ -165,7 +191,11 @@ impl Binary {
     }
 
     pub async fn start_with(cmd: &mut Command) -> Binary {
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn binary");
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn binary");
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let first = tokio::time::timeout(PATIENCE, lines.next_line())
@@ -173,9 +203,17 @@ impl Binary {
             .expect("listening line in time")
             .unwrap()
             .expect("a listening line");
-        let addr = first.strip_prefix("listening on ").expect("listening on IP:PORT").parse().expect("an address");
+        let addr = first
+            .strip_prefix("listening on ")
+            .expect("listening on IP:PORT")
+            .parse()
+            .expect("an address");
         let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
-        Binary { child, addr, stderr }
+        Binary {
+            child,
+            addr,
+            stderr,
+        }
     }
 
     /// Read stderr until a line containing every one of `needles`; returns
@@ -189,7 +227,9 @@ impl Binary {
             }
             panic!("stderr closed before a line with {needles:?}");
         };
-        tokio::time::timeout(PATIENCE, wait).await.unwrap_or_else(|_| panic!("no log line with {needles:?}"))
+        tokio::time::timeout(PATIENCE, wait)
+            .await
+            .unwrap_or_else(|_| panic!("no log line with {needles:?}"))
     }
 
     /// Send a signal to the server process.
@@ -203,6 +243,12 @@ impl Binary {
 /// Run the binary with `args` to completion (it must exit on its own).
 /// Returns the exit code and stderr.
 pub async fn run_binary(args: &[&str]) -> (i32, String) {
-    let out = tokio::time::timeout(PATIENCE, binary().args(args).output()).await.expect("binary exits").unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = tokio::time::timeout(PATIENCE, binary().args(args).output())
+        .await
+        .expect("binary exits")
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

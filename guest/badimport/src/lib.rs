@@ -17,7 +17,9 @@ struct BadImport;
 impl Guest for BadImport {
     fn handle(_conn: Connection, _input: InputStream, output: OutputStream) -> Result<(), String> {
         let n = sockserver_test::badimport::missing::frob();
-        output.blocking_write_and_flush(format!("{n}\n").as_bytes()).map_err(|e| format!("{e:?}"))
+        output
+            .blocking_write_and_flush(format!("{n}\n").as_bytes())
+            .map_err(|e| format!("{e:?}"))
     }
 }
 

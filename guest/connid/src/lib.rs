@@ -8,9 +8,16 @@ struct ConnId;
 
 impl Handler for ConnId {
     fn handle(conn: Connection, input: InputStream, output: OutputStream) -> Result<(), String> {
-        let line = format!("{} {} {}\n", conn.id(), conn.peer_address(), conn.local_address());
+        let line = format!(
+            "{} {} {}\n",
+            conn.id(),
+            conn.peer_address(),
+            conn.local_address()
+        );
         sockserver_guest::write_all(&output, line.as_bytes()).map_err(|e| e.to_string())?;
-        output.blocking_flush().map_err(|e| format!("flush failed: {e:?}"))?;
+        output
+            .blocking_flush()
+            .map_err(|e| format!("flush failed: {e:?}"))?;
         println!("hello from connection {}", conn.id());
         eprintln!("stderr line one\nstderr line two");
         let request = sockserver_guest::read_chunk(&input).map_err(|e| e.to_string())?;

@@ -12,7 +12,9 @@ impl Handler for Crash {
                 panic!("crash requested by client");
             }
             sockserver_guest::write_all(&output, &chunk).map_err(|e| e.to_string())?;
-            output.blocking_flush().map_err(|e| format!("flush failed: {e:?}"))?;
+            output
+                .blocking_flush()
+                .map_err(|e| format!("flush failed: {e:?}"))?;
         }
         Ok(())
     }

@@ -12,7 +12,9 @@ impl Handler for Echo {
         // on the next read.
         while let Some(chunk) = sockserver_guest::read_chunk(&input).map_err(|e| e.to_string())? {
             sockserver_guest::write_all(&output, &chunk).map_err(|e| e.to_string())?;
-            output.blocking_flush().map_err(|e| format!("flush failed: {e:?}"))?;
+            output
+                .blocking_flush()
+                .map_err(|e| format!("flush failed: {e:?}"))?;
         }
         Ok(())
     }

@@ -22,7 +22,10 @@ impl Handler for Recurse {
     fn handle(_conn: Connection, input: InputStream, _output: OutputStream) -> Result<(), String> {
         // The seed comes from the client so nothing is known at compile time;
         // a one-byte message recurses (practically) forever.
-        let seed = sockserver_guest::read_chunk(&input).ok().flatten().map_or(0, |b| b.len() as u64);
+        let seed = sockserver_guest::read_chunk(&input)
+            .ok()
+            .flatten()
+            .map_or(0, |b| b.len() as u64);
         Err(format!("recursion ended: {}", deeper(0, seed)))
     }
 }

@@ -79,7 +79,9 @@ pub fn write_all(output: &OutputStream, mut bytes: &[u8]) -> io::Result<()> {
             output.subscribe().block();
             continue;
         }
-        let n = bytes.len().min(usize::try_from(permit).unwrap_or(usize::MAX));
+        let n = bytes
+            .len()
+            .min(usize::try_from(permit).unwrap_or(usize::MAX));
         output.write(&bytes[..n]).map_err(stream_error)?;
         bytes = &bytes[n..];
     }
@@ -99,7 +101,11 @@ pub struct Reader {
 
 impl Reader {
     pub fn new(stream: InputStream) -> Self {
-        Self { stream, pending: Vec::new(), offset: 0 }
+        Self {
+            stream,
+            pending: Vec::new(),
+            offset: 0,
+        }
     }
 
     /// The underlying stream, to subscribe to it or read from it directly.

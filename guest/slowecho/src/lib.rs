@@ -11,7 +11,9 @@ impl Handler for SlowEcho {
         while let Some(chunk) = sockserver_guest::read_chunk(&input).map_err(|e| e.to_string())? {
             monotonic_clock::subscribe_duration(200_000_000).block();
             sockserver_guest::write_all(&output, &chunk).map_err(|e| e.to_string())?;
-            output.blocking_flush().map_err(|e| format!("flush failed: {e:?}"))?;
+            output
+                .blocking_flush()
+                .map_err(|e| format!("flush failed: {e:?}"))?;
         }
         Ok(())
     }
