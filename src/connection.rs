@@ -149,7 +149,7 @@ fn new_store(runtime: &Runtime, id: u64) -> Store<HostState> {
         }
         Ok(UpdateDeadline::YieldCustom(
             1,
-            Box::pin(state.cpu.yield_now()),
+            Box::pin(tokio::task::yield_now()),
         ))
     });
     // Must be set before instantiating, or start functions trap at once.

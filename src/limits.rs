@@ -3,8 +3,6 @@
 //! running wasm.
 
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime::{CallHook, ResourceLimiter, StoreLimits, StoreLimitsBuilder};
@@ -178,16 +176,13 @@ impl ResourceLimiter for Limiter {
 /// for time it spends blocked in a host call (waiting for the client). The
 /// store's call hook instead marks every switch between wasm and host: time
 /// from entering wasm (or returning from the host) to leaving it (or calling
-/// the host) is execution time. Time the guest spends parked in an epoch
-/// yield, waiting for other connections' turns, is subtracted, so a busy
-/// machine does not make a guest run out of budget sooner.
+/// the host) is execution time. The epoch callback itself runs inside such a
+/// host call, so time a guest spends parked in an epoch yield, waiting for
+/// other connections' turns, is not charged either.
 pub struct CpuMeter {
     budget: Duration,
     used: Duration,
     running_since: Option<Instant>,
-    /// Nanoseconds spent parked in epoch yields; written by the yield future,
-    /// which cannot borrow the store.
-    parked: Arc<AtomicU64>,
 }
 
 impl CpuMeter {
@@ -196,7 +191,6 @@ impl CpuMeter {
             budget,
             used: Duration::ZERO,
             running_since: None,
-            parked: Arc::default(),
         }
     }
 
@@ -213,26 +207,13 @@ impl CpuMeter {
 
     /// Wasm execution time so far.
     pub fn used(&self) -> Duration {
-        let running = self
-            .running_since
-            .map_or(Duration::ZERO, |since| since.elapsed());
-        let parked = Duration::from_nanos(self.parked.load(Ordering::Relaxed));
-        (self.used + running).saturating_sub(parked)
+        self.used
+            + self
+                .running_since
+                .map_or(Duration::ZERO, |since| since.elapsed())
     }
 
     pub fn exhausted(&self) -> bool {
         self.used() >= self.budget
-    }
-
-    /// A future that yields to the scheduler once and records how long the
-    /// guest stayed parked.
-    pub fn yield_now(&self) -> impl Future<Output = ()> + Send + 'static {
-        let parked = self.parked.clone();
-        async move {
-            let start = Instant::now();
-            tokio::task::yield_now().await;
-            let nanos = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-            parked.fetch_add(nanos, Ordering::Relaxed);
-        }
     }
 }

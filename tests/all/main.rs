@@ -4,5 +4,8 @@
 mod cli;
 mod contract;
 mod echo;
+mod hostile;
 mod isolation;
+mod limits;
+mod streams;
 mod util;

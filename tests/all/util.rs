@@ -172,7 +172,9 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 pub struct Binary {
     pub child: Child,
     pub addr: SocketAddr,
-    pub stderr: tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+    /// stderr lines, read by a background task so the server never blocks
+    /// on a full pipe while a test is busy elsewhere.
+    pub stderr: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
 pub fn binary() -> Command {
@@ -208,7 +210,15 @@ impl Binary {
             .expect("listening on IP:PORT")
             .parse()
             .expect("an address");
-        let stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let (tx, stderr) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
         Binary {
             child,
             addr,
@@ -220,7 +230,7 @@ impl Binary {
     /// that line. Panics if the process closes stderr first.
     pub async fn log_line(&mut self, needles: &[&str]) -> String {
         let wait = async {
-            while let Some(line) = self.stderr.next_line().await.unwrap() {
+            while let Some(line) = self.stderr.recv().await {
                 if needles.iter().all(|n| line.contains(n)) {
                     return line;
                 }
@@ -251,4 +261,101 @@ pub async fn run_binary(args: &[&str]) -> (i32, String) {
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Fields of /proc/PID/status, in KiB (`VmRSS`, `VmHWM`).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// CPU time (user + system) the process has used so far.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("read /proc stat");
+    // Fields after the parenthesised command name; utime and stime are the
+    // 14th and 15th fields of the whole line.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+impl Binary {
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// Read stderr until `count` lines containing every one of `needles`
+    /// have been seen; returns them.
+    pub async fn log_lines(&mut self, needles: &[&str], count: usize) -> Vec<String> {
+        let mut found = Vec::new();
+        while found.len() < count {
+            found.push(self.log_line(needles).await);
+        }
+        found
+    }
+
+    /// SIGTERM, wait for exit 0, and return the `shutdown complete` line.
+    pub async fn stop(mut self) -> String {
+        self.signal(libc::SIGTERM);
+        let summary = self.log_line(&["shutdown complete"]).await;
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(status.code(), Some(0), "server exit status");
+        summary
+    }
+}
+
+/// A canary: one echo connection that must keep round-tripping correct
+/// bytes. `check` returns the round-trip time.
+pub struct Canary {
+    stream: TcpStream,
+    round: u64,
+}
+
+impl Canary {
+    pub async fn connect(addr: SocketAddr) -> Canary {
+        let stream = TcpStream::connect(addr).await.expect("canary connects");
+        stream.set_nodelay(true).unwrap();
+        let mut canary = Canary { stream, round: 0 };
+        canary.check().await;
+        canary
+    }
+
+    pub async fn check(&mut self) -> Duration {
+        self.round += 1;
+        let msg = pattern(64, self.round);
+        let start = std::time::Instant::now();
+        assert_eq!(
+            ping(&mut self.stream, &msg).await,
+            msg,
+            "canary round {}",
+            self.round
+        );
+        start.elapsed()
+    }
+}
+
+/// The number in `key=NUMBER` within a log line.
+pub fn field(line: &str, key: &str) -> f64 {
+    let start = line
+        .find(&format!("{key}="))
+        .unwrap_or_else(|| panic!("no {key}= in {line}"))
+        + key.len()
+        + 1;
+    let value: String = line[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    value
+        .parse()
+        .unwrap_or_else(|_| panic!("{key}= is not a number in {line}"))
 }

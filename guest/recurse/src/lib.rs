@@ -1,5 +1,5 @@
-//! Test fixture: waits for the first bytes, then recurses without bound
-//! until the wasm stack limit traps it.
+//! Test fixture: echoes until a chunk contains `recurse`, then recurses
+//! without bound until the wasm stack limit traps it.
 //!
 //! The recursion keeps its state in wasm locals (no address-taken locals,
 //! so nothing lands on the shadow stack in linear memory) and combines
@@ -19,14 +19,12 @@ fn deeper(n: u64, seed: u64) -> u64 {
 }
 
 impl Handler for Recurse {
-    fn handle(_conn: Connection, input: InputStream, _output: OutputStream) -> Result<(), String> {
-        // The seed comes from the client so nothing is known at compile time;
-        // a one-byte message recurses (practically) forever.
-        let seed = sockserver_guest::read_chunk(&input)
-            .ok()
-            .flatten()
-            .map_or(0, |b| b.len() as u64);
-        Err(format!("recursion ended: {}", deeper(0, seed)))
+    fn handle(conn: Connection, input: InputStream, output: OutputStream) -> Result<(), String> {
+        if !fixture::echo_until(&input, &output, b"recurse")? {
+            return Ok(());
+        }
+        // The seed is only known at run time, so nothing can be folded.
+        Err(format!("recursion ended: {}", deeper(0, conn.id())))
     }
 }
 

@@ -1,0 +1,252 @@
+//! Hostile handlers and hostile clients against an in-process server: in
+//! each attack a canary echo connection keeps round-tripping correct bytes
+//! before, during and after, and new connections are served afterwards.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use wasm_sockserver::{LimitKind, OutcomeKind};
+
+use crate::util::{Canary, TestServer, config, pattern, ping, read_to_close, roundtrip};
+
+/// Ensure spinning guests on more connections than worker threads neither
+/// starve the canary nor outlive `--max-cpu` by much: each is interrupted
+/// with the `cpu` limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spin_is_interrupted_and_others_keep_running() {
+    let mut config = config("spin");
+    config.max_cpu = Duration::from_millis(1000);
+    let server = TestServer::start(config).await;
+    let mut canary = Canary::connect(server.addr).await;
+
+    const SPINNERS: usize = 4;
+    let mut spinners = Vec::new();
+    for _ in 0..SPINNERS {
+        let mut stream = server.connect().await;
+        assert_eq!(ping(&mut stream, b"warm").await, b"warm");
+        spinners.push(tokio::spawn(async move {
+            stream.write_all(b"spin").await.unwrap();
+            let start = Instant::now();
+            let (rest, _) = read_to_close(&mut stream).await;
+            assert!(rest.is_empty());
+            start.elapsed()
+        }));
+    }
+
+    // Round-trip on the canary for as long as any spinner is alive.
+    let mut worst = Duration::ZERO;
+    let mut rounds = 0;
+    while server.stats.limit_hits(LimitKind::Cpu) < SPINNERS as u64 {
+        worst = worst.max(canary.check().await);
+        rounds += 1;
+    }
+    let mut lifetimes = Vec::new();
+    for spinner in spinners {
+        lifetimes.push(spinner.await.unwrap());
+    }
+    println!(
+        "spin: canary worst round trip {worst:?} over {rounds} rounds; spinner lifetimes {lifetimes:?}"
+    );
+    assert!(rounds > 10, "the canary made only {rounds} round trips");
+    // Starvation would show up as a stall of a whole CPU budget (1s).
+    assert!(
+        worst < Duration::from_millis(500),
+        "canary stalled for {worst:?}"
+    );
+    for lifetime in lifetimes {
+        // Never killed before its budget; with 4 spinners sharing 2
+        // workers each gets about half a core, so about 2× in wall time.
+        assert!(
+            lifetime >= Duration::from_millis(950),
+            "spinner killed after only {lifetime:?}"
+        );
+        assert!(
+            lifetime < Duration::from_secs(8),
+            "spinner lived {lifetime:?}"
+        );
+    }
+    canary.check().await;
+    Canary::connect(server.addr).await;
+    server
+        .wait_for("all spinners closed", |s| s.live_stores() == 2)
+        .await;
+    server.stop().await;
+}
+
+/// Ensure a client that resets (SO_LINGER 0) in the middle of a large echo
+/// causes no panic, is counted as a client reset, and its Store is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_reset_mid_echo() {
+    let server = TestServer::start(config("echo")).await;
+    let mut canary = Canary::connect(server.addr).await;
+    for _ in 0..5 {
+        let mut stream = server.connect().await;
+        // Push 1 MiB without reading, so the echo's output backs up.
+        let data = pattern(1 << 20, 3);
+        let _ = tokio::time::timeout(Duration::from_millis(200), stream.write_all(&data)).await;
+        let mut some = [0u8; 1000];
+        stream.read_exact(&mut some).await.unwrap();
+        socket2::SockRef::from(&stream)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(stream);
+        canary.check().await;
+    }
+    server
+        .wait_for("the reset connections to close", |s| s.closed() == 5)
+        .await;
+    assert_eq!(server.stats.outcomes(OutcomeKind::ClientReset), 5);
+    assert_eq!(
+        server.stats.live_stores(),
+        1,
+        "only the canary's Store is left"
+    );
+    canary.check().await;
+    Canary::connect(server.addr).await;
+    server.stop().await;
+}
+
+/// Ensure that with 3× `--max-connections` clients at once, open
+/// connections never exceed the cap, the excess waits in the backlog
+/// (accepted only as slots free), and every client is served in the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flood_waits_in_backlog() {
+    const CAP: usize = 10;
+    let mut config = config("echo");
+    config.max_connections = CAP as u32;
+    let server = TestServer::start(config).await;
+
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let (served_tx, mut served_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut clients = Vec::new();
+    for client in 0..3 * CAP as u64 {
+        let mut stream = server.connect().await;
+        let mut release = release_rx.clone();
+        let served = served_tx.clone();
+        clients.push(tokio::spawn(async move {
+            let msg = pattern(32, client);
+            assert_eq!(ping(&mut stream, &msg).await, msg);
+            let _ = served.send(client);
+            let _ = release.wait_for(|go| *go).await;
+        }));
+    }
+    for _ in 0..CAP {
+        served_rx.recv().await.unwrap();
+    }
+    // Every permit is held by a client that is waiting for `release`, so the
+    // acceptor cannot have taken anyone else.
+    assert_eq!(server.stats.accepted(), CAP as u64);
+    assert_eq!(server.stats.open_connections(), CAP as u64);
+    assert!(
+        served_rx.try_recv().is_err(),
+        "a client beyond the cap was served"
+    );
+
+    release_tx.send(true).unwrap();
+    for client in clients {
+        client.await.unwrap();
+    }
+    server
+        .wait_for("all clients closed", |s| s.closed() == 3 * CAP as u64)
+        .await;
+    assert_eq!(server.stats.peak_open_connections(), CAP as u64);
+    assert_eq!(server.stats.outcomes(OutcomeKind::Ok), 3 * CAP as u64);
+    server.stop().await;
+}
+
+/// Ensure slowloris clients (one byte less often than the idle timeout)
+/// are closed at the idle timeout, and a client that trickles bytes
+/// forever is closed at `--max-lifetime`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_and_trickle() {
+    let idle = Duration::from_millis(500);
+    let lifetime = Duration::from_millis(1500);
+    let mut config = config("echo");
+    config.idle_timeout = idle;
+    config.max_lifetime = Some(lifetime);
+    let server = TestServer::start(config).await;
+
+    let mut slow = Vec::new();
+    for i in 0..20u8 {
+        let mut stream = server.connect().await;
+        slow.push(tokio::spawn(async move {
+            assert_eq!(ping(&mut stream, &[i]).await, [i]);
+            let last_byte = Instant::now();
+            // The next byte would come after 800ms; the server must not wait.
+            let closed =
+                tokio::time::timeout(Duration::from_millis(800), read_to_close(&mut stream)).await;
+            assert!(
+                closed.is_ok(),
+                "slow client {i} was not closed within 800ms"
+            );
+            last_byte.elapsed()
+        }));
+    }
+    let trickler = {
+        let mut stream = server.connect().await;
+        tokio::spawn(async move {
+            let start = Instant::now();
+            let mut byte = [0u8; 1];
+            loop {
+                if stream.write_all(b"t").await.is_err() {
+                    break;
+                }
+                match stream.read(&mut byte).await {
+                    Ok(1) => tokio::time::sleep(Duration::from_millis(100)).await,
+                    _ => break,
+                }
+            }
+            start.elapsed()
+        })
+    };
+    for client in slow {
+        let after = client.await.unwrap();
+        assert!(
+            after >= idle - Duration::from_millis(20),
+            "closed {after:?} after the last byte"
+        );
+    }
+    let lived = trickler.await.unwrap();
+    assert!(
+        lived >= lifetime - Duration::from_millis(20) && lived < lifetime * 3,
+        "trickler lived {lived:?}"
+    );
+    server.wait_for("all closed", |s| s.closed() == 21).await;
+    assert_eq!(server.stats.limit_hits(LimitKind::Idle), 20);
+    assert_eq!(server.stats.limit_hits(LimitKind::Lifetime), 1);
+    server.stop().await;
+}
+
+/// Ensure binary data (every byte value, random sizes up to 1 MiB) comes
+/// back exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_binary_echo() {
+    let server = TestServer::start(config("echo")).await;
+    let every_value: Vec<u8> = (0..=255u8).cycle().take(256 * 64).collect();
+    assert_eq!(
+        roundtrip(server.connect().await, &every_value).await,
+        every_value
+    );
+    let mut tasks = Vec::new();
+    for seed in 0..12u64 {
+        let stream = server.connect().await;
+        tasks.push(tokio::spawn(async move {
+            let len = (pattern(4, seed + 100)
+                .iter()
+                .fold(0usize, |a, b| a * 256 + *b as usize))
+                % (1 << 20)
+                + 1;
+            let data = pattern(len, seed);
+            let got = roundtrip(stream, &data).await;
+            assert!(
+                got == data,
+                "seed {seed}: {} bytes back of {len}",
+                got.len()
+            );
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    server.stop().await;
+}

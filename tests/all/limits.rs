@@ -1,0 +1,370 @@
+//! Limits and hostile handlers against the real binary, where the process's
+//! memory and CPU can be read from /proc and the log lines checked: the
+//! server stays up, memory stays bounded, and a canary connection on the
+//! same server keeps echoing throughout.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::util::{Binary, Canary, cpu_time, field, guest, ping, proc_status_kib, read_to_close};
+
+async fn start(fixture: &str, extra: &[&str]) -> Binary {
+    let module = guest(fixture);
+    let mut args = vec![
+        "--module",
+        module.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--max-connections",
+        "64",
+    ];
+    args.extend_from_slice(extra);
+    Binary::start(&args).await
+}
+
+/// Connect, check the echo works, send the trigger word, and read until the
+/// server closes. Returns how long the close took after the trigger.
+async fn trigger(addr: std::net::SocketAddr, word: &[u8]) -> Duration {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(ping(&mut stream, b"hello").await, b"hello");
+    stream.write_all(word).await.unwrap();
+    let start = Instant::now();
+    let (rest, _) = read_to_close(&mut stream).await;
+    assert!(
+        rest.is_empty(),
+        "got {} bytes after the trigger",
+        rest.len()
+    );
+    start.elapsed()
+}
+
+/// Ensure 1000 sequential crashing connections each close promptly, leave
+/// no Store behind, and leave RSS within 10% of its value after a warm-up
+/// round, while the canary keeps echoing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_crashes() {
+    let mut server = start("crash", &[]).await;
+    let mut canary = Canary::connect(server.addr).await;
+    for _ in 0..100 {
+        trigger(server.addr, b"crash").await;
+    }
+    server.log_lines(&["outcome=trap"], 100).await;
+    let warm = proc_status_kib(server.pid(), "VmRSS");
+
+    let mut slowest = Duration::ZERO;
+    for i in 0..1000 {
+        slowest = slowest.max(trigger(server.addr, b"crash").await);
+        if i % 50 == 0 {
+            canary.check().await;
+        }
+    }
+    let lines = server.log_lines(&["outcome=trap"], 1000).await;
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains("error=wasm trap: wasm `unreachable` instruction executed"))
+    );
+    let end = proc_status_kib(server.pid(), "VmRSS");
+    println!(
+        "crash x1000: RSS after warm-up {warm} KiB, after 1000 more {end} KiB; slowest close {slowest:?}"
+    );
+    assert!(
+        end * 10 <= warm * 11,
+        "RSS grew from {warm} KiB to {end} KiB"
+    );
+    assert!(
+        slowest < Duration::from_secs(2),
+        "a crash took {slowest:?} to close"
+    );
+    canary.check().await;
+    Canary::connect(server.addr).await;
+    drop(canary);
+    let summary = server.stop().await;
+    assert!(
+        summary.contains("live_stores=0") && summary.contains(" trap=1100"),
+        "{summary}"
+    );
+}
+
+/// Ensure memory bombs are stopped at `--max-memory` with the `memory`
+/// limit, and the process's peak RSS grows by less than connections ×
+/// limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membomb_is_capped() {
+    const BOMBS: usize = 6;
+    let mut server = start("membomb", &["--max-memory", "32MiB"]).await;
+    let mut canary = Canary::connect(server.addr).await;
+    let before = proc_status_kib(server.pid(), "VmRSS");
+    let mut bombs = Vec::new();
+    for _ in 0..BOMBS {
+        bombs.push(tokio::spawn(trigger(server.addr, b"membomb")));
+    }
+    for bomb in bombs {
+        bomb.await.unwrap();
+    }
+    let lines = server
+        .log_lines(&["outcome=limit", "limit=memory"], BOMBS)
+        .await;
+    assert_eq!(lines.len(), BOMBS);
+    let peak = proc_status_kib(server.pid(), "VmHWM");
+    let after = proc_status_kib(server.pid(), "VmRSS");
+    println!(
+        "membomb x{BOMBS} at 32MiB: RSS before {before} KiB, peak {peak} KiB, after {after} KiB"
+    );
+    assert!(
+        peak - before < (BOMBS as u64) * 32 * 1024,
+        "peak RSS grew by {} KiB",
+        peak - before
+    );
+    canary.check().await;
+    Canary::connect(server.addr).await;
+    drop(canary);
+    assert!(server.stop().await.contains("live_stores=0"));
+}
+
+/// Ensure unbounded recursion ends in a stack-overflow trap and the
+/// process carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recursion_traps() {
+    let mut server = start("recurse", &[]).await;
+    let mut canary = Canary::connect(server.addr).await;
+    trigger(server.addr, b"recurse").await;
+    server
+        .log_line(&["outcome=trap", "call stack exhausted"])
+        .await;
+    canary.check().await;
+    Canary::connect(server.addr).await;
+    drop(canary);
+    server.stop().await;
+}
+
+/// Ensure a guest that writes forever to a client that reads nothing is
+/// held to the host's bounded buffer (RSS does not grow with time) and is
+/// closed at the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hugewrite_to_non_reader() {
+    let mut server = start("hugewrite", &["--idle-timeout", "2s"]).await;
+    let mut canary = Canary::connect(server.addr).await;
+    let before = proc_status_kib(server.pid(), "VmRSS");
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    assert_eq!(ping(&mut stream, b"hello").await, b"hello");
+    stream.write_all(b"hugewrite").await.unwrap();
+    // Sample while the guest is blocked on the full socket.
+    let mut samples = Vec::new();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        samples.push(proc_status_kib(server.pid(), "VmRSS"));
+        canary.check().await;
+    }
+    let line = server.log_line(&["outcome=limit", "limit=idle"]).await;
+    let after = proc_status_kib(server.pid(), "VmRSS");
+    println!(
+        "hugewrite: RSS before {before} KiB, while blocked {samples:?} KiB, after close {after} KiB; {} bytes sent",
+        field(&line, "bytes_out")
+    );
+    let growth = samples.last().unwrap() - samples.first().unwrap();
+    assert!(
+        growth < 1024,
+        "RSS grew by {growth} KiB while the guest was blocked"
+    );
+    assert!(
+        samples.iter().all(|s| s - before < 8 * 1024),
+        "RSS rose to {samples:?} from {before}"
+    );
+    drop(stream);
+    canary.check().await;
+    drop(canary);
+    server.stop().await;
+}
+
+/// Ensure a guest that never reads while the client pushes up to 100 MB
+/// keeps host memory bounded and is closed at the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn neverread_while_client_pushes() {
+    let mut server = start("neverread", &["--idle-timeout", "1s"]).await;
+    let mut canary = Canary::connect(server.addr).await;
+    let before = proc_status_kib(server.pid(), "VmRSS");
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    assert_eq!(ping(&mut stream, b"hello").await, b"hello");
+    stream.write_all(b"neverread").await.unwrap();
+    let pusher = tokio::spawn(async move {
+        let block = vec![7u8; 1 << 20];
+        let mut pushed = 0usize;
+        while pushed < 100 << 20 {
+            match stream.write_all(&block).await {
+                Ok(()) => pushed += block.len(),
+                Err(_) => break,
+            }
+        }
+        pushed
+    });
+    // The canary stays busy (so the idle timeout never touches it) until
+    // the server has cut the pusher off.
+    while !pusher.is_finished() {
+        canary.check().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pushed = pusher.await.unwrap();
+    server.log_line(&["outcome=limit", "limit=idle"]).await;
+    let after = proc_status_kib(server.pid(), "VmRSS");
+    println!(
+        "neverread: client pushed {} MiB before the close; RSS {before} -> {after} KiB",
+        pushed >> 20
+    );
+    assert!(pushed < 100 << 20, "the server took all 100 MB");
+    assert!(
+        after.saturating_sub(before) < 8 * 1024,
+        "RSS grew from {before} to {after} KiB"
+    );
+    canary.check().await;
+    drop(canary);
+    server.stop().await;
+}
+
+/// Ensure a guest creating pollables forever is stopped at the table cap
+/// with the `table` limit, with memory bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resflood_hits_table_cap() {
+    let mut server = start("resflood", &[]).await;
+    let mut canary = Canary::connect(server.addr).await;
+    let before = proc_status_kib(server.pid(), "VmRSS");
+    for _ in 0..20 {
+        trigger(server.addr, b"resflood").await;
+    }
+    server
+        .log_lines(&["outcome=limit", "limit=table"], 20)
+        .await;
+    let after = proc_status_kib(server.pid(), "VmRSS");
+    println!("resflood x20: RSS {before} -> {after} KiB");
+    assert!(
+        after.saturating_sub(before) < 8 * 1024,
+        "RSS grew from {before} to {after} KiB"
+    );
+    canary.check().await;
+    drop(canary);
+    server.stop().await;
+}
+
+/// Ensure that while the server sits at `--max-connections` with more
+/// clients waiting, it burns no CPU (no accept busy-loop), and serves the
+/// waiting clients once slots free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saturated_server_is_quiet() {
+    let module = guest("echo");
+    let mut server = Binary::start(&[
+        "--module",
+        module.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--max-connections",
+        "5",
+    ])
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(Canary::connect(server.addr).await);
+    }
+    let mut waiting = Vec::new();
+    for i in 0..10u8 {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        waiting.push(tokio::spawn(async move { ping(&mut stream, &[i]).await }));
+    }
+    let cpu_before = cpu_time(server.pid());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_time(server.pid()) - cpu_before;
+    println!("saturated: server used {used:?} of CPU in 1s");
+    assert!(
+        used < Duration::from_millis(200),
+        "saturated server used {used:?} CPU in 1s"
+    );
+    assert!(
+        waiting.iter().all(|w| !w.is_finished()),
+        "a client beyond the cap was served"
+    );
+    drop(held);
+    for (i, w) in waiting.into_iter().enumerate() {
+        assert_eq!(w.await.unwrap(), [i as u8]);
+    }
+    server.log_lines(&["connection closed"], 5).await;
+    server.stop().await;
+}
+
+/// Ensure that when the server runs out of file descriptors (EMFILE) it
+/// backs off with rate-limited warnings, does not spin, and accepts again
+/// once descriptors free up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emfile_backs_off_and_recovers() {
+    let module = guest("echo");
+    let mut cmd = crate::util::binary();
+    cmd.args([
+        "--module",
+        module.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 64,
+                rlim_max: 64,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut server = Binary::start_with(&mut cmd).await;
+    // Fill the descriptor table with live connections.
+    let mut held = Vec::new();
+    let mut waiting = Vec::new();
+    for i in 0..80u32 {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let msg = i.to_le_bytes();
+        waiting.push(tokio::spawn(async move {
+            let reply = ping(&mut stream, &msg).await;
+            (stream, reply, msg)
+        }));
+    }
+    server
+        .log_line(&["accept failed; backing off", "Too many open files"])
+        .await;
+    let cpu_before = cpu_time(server.pid());
+    let window = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_time(server.pid()) - cpu_before;
+    let mut warnings = 0;
+    while let Ok(line) = server.stderr.try_recv() {
+        warnings += line.contains("accept failed") as usize;
+    }
+    println!(
+        "emfile: {used:?} CPU and {warnings} warnings in {:?}",
+        window.elapsed()
+    );
+    assert!(
+        used < Duration::from_millis(300),
+        "server used {used:?} CPU while out of descriptors"
+    );
+    assert!(warnings <= 3, "{warnings} accept warnings in 2s");
+
+    // Release the served connections; the rest must now be accepted.
+    let (done, pending): (Vec<_>, Vec<_>) = waiting.into_iter().partition(|w| w.is_finished());
+    assert!(
+        !done.is_empty() && !pending.is_empty(),
+        "{} served, {} waiting",
+        done.len(),
+        pending.len()
+    );
+    for w in done {
+        held.push(w.await.unwrap());
+    }
+    drop(held);
+    for w in pending {
+        let (_stream, reply, msg) = w.await.unwrap();
+        assert_eq!(reply, msg);
+    }
+    server.stop().await;
+}

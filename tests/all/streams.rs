@@ -1,0 +1,164 @@
+//! Property tests of the host stream layer (`wasm_sockserver::streams`) on
+//! real loopback sockets: any chunking of reads, writes, flushes and closes
+//! delivers the exact bytes, and a client reset surfaces as a stream error,
+//! never a panic or a trap.
+//!
+//! More cases: `PROPTEST_CASES=2000 cargo test --test all streams::`.
+
+use bytes::Bytes;
+use proptest::collection::vec;
+use proptest::prelude::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use wasm_sockserver::streams::{BUFFER_LIMIT, Socket, SocketInput, SocketOutput};
+use wasmtime_wasi::p2::{InputStream, OutputStream, StreamError};
+
+use crate::util::pattern;
+
+async fn pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, _) = listener.accept().await.unwrap();
+    (client, server)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Write `data` to the guest-facing output in pieces of `sizes` (cycled,
+/// capped by the permit), flushing every `flush_every` writes.
+async fn write_in_pieces(
+    output: &mut SocketOutput,
+    data: &[u8],
+    sizes: &[usize],
+    flush_every: usize,
+) -> Result<(), StreamError> {
+    let mut pos = 0;
+    let mut i = 0;
+    while pos < data.len() {
+        let permit = output.write_ready().await?;
+        assert!(permit <= BUFFER_LIMIT);
+        let n = permit.min(sizes[i % sizes.len()]).min(data.len() - pos);
+        output.write(Bytes::copy_from_slice(&data[pos..pos + n]))?;
+        pos += n;
+        i += 1;
+        if i % flush_every == 0 {
+            output.flush()?;
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Ensure bytes cross the stream layer exactly, in both directions,
+    /// whatever the client's chunking and the guest's read/write sizes, and
+    /// that FIN reads as `closed` and dropping the output sends FIN.
+    #[test]
+    fn exact_bytes_whatever_the_chunking(
+        client_chunks in vec(1usize..70_000, 0..10),
+        read_sizes in vec(0usize..100_000, 1..6),
+        write_sizes in vec(1usize..100_000, 1..6),
+        flush_every in 1usize..4,
+    ) {
+        runtime().block_on(async {
+            let (client, server) = pair().await;
+            let socket = Socket::new(server);
+            let mut input = SocketInput::new(socket.clone());
+            let mut output = SocketOutput::new(socket.clone());
+            let total: usize = client_chunks.iter().sum();
+            let data = pattern(total, total as u64);
+
+            let (mut rd, mut wr) = client.into_split();
+            let to_send = data.clone();
+            let writer = tokio::spawn(async move {
+                let mut pos = 0;
+                for chunk in client_chunks {
+                    wr.write_all(&to_send[pos..pos + chunk]).await.unwrap();
+                    pos += chunk;
+                }
+                wr.shutdown().await.unwrap();
+            });
+            let reader = tokio::spawn(async move {
+                let mut back = Vec::new();
+                rd.read_to_end(&mut back).await.unwrap();
+                back
+            });
+
+            let mut received = Vec::new();
+            let mut i = 0;
+            loop {
+                let size = read_sizes[i % read_sizes.len()];
+                i += 1;
+                match input.blocking_read(size).await {
+                    Ok(bytes) => {
+                        assert!(bytes.len() <= size.min(BUFFER_LIMIT));
+                        received.extend_from_slice(&bytes);
+                    }
+                    Err(StreamError::Closed) => break,
+                    Err(e) => panic!("read failed: {e}"),
+                }
+            }
+            assert!(matches!(input.read(10), Err(StreamError::Closed)));
+            writer.await.unwrap();
+            assert!(received == data, "host read {} of {} bytes", received.len(), data.len());
+
+            write_in_pieces(&mut output, &data, &write_sizes, flush_every).await.unwrap();
+            output.cancel().await;
+            let back = reader.await.unwrap();
+            assert!(back == data, "client read {} of {} bytes", back.len(), data.len());
+            assert_eq!(socket.activity().bytes_in(), total as u64);
+            assert_eq!(socket.activity().bytes_out(), total as u64);
+        });
+    }
+
+    /// Ensure a client that resets after reading some of the output makes
+    /// the guest's writes fail with a stream error, not a panic or a trap.
+    #[test]
+    fn reset_mid_write_is_a_stream_error(
+        read_before_reset in 0usize..300_000,
+        write_sizes in vec(1usize..100_000, 1..6),
+    ) {
+        runtime().block_on(async {
+            let (mut client, server) = pair().await;
+            let socket = Socket::new(server);
+            let mut output = SocketOutput::new(socket.clone());
+            let reader = tokio::spawn(async move {
+                let mut sink = vec![0u8; read_before_reset];
+                client.read_exact(&mut sink).await.unwrap();
+                socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO)).unwrap();
+            });
+            let data = pattern(64 << 20, 5);
+            let result = write_in_pieces(&mut output, &data, &write_sizes, 2).await;
+            reader.await.unwrap();
+            match result {
+                Err(StreamError::LastOperationFailed(_) | StreamError::Closed) => {}
+                Err(StreamError::Trap(e)) => panic!("trap: {e}"),
+                Ok(()) => panic!("64 MiB written to a client that reset"),
+            }
+            assert!(socket.was_reset());
+            // Afterwards the stream stays closed.
+            assert!(matches!(output.check_write(), Err(StreamError::Closed)));
+        });
+    }
+}
+
+/// Ensure a write larger than the permit traps (the guest broke the
+/// `check-write` contract) instead of growing the host buffer.
+#[test]
+fn write_beyond_permit_traps() {
+    runtime().block_on(async {
+        let (_client, server) = pair().await;
+        let mut output = SocketOutput::new(Socket::new(server));
+        assert_eq!(output.check_write().unwrap(), BUFFER_LIMIT);
+        let too_big = Bytes::from(vec![0u8; BUFFER_LIMIT + 1]);
+        assert!(matches!(output.write(too_big), Err(StreamError::Trap(_))));
+    });
+}
