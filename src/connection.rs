@@ -256,30 +256,40 @@ async fn watchdog(
     }
 }
 
-/// Serve one accepted connection from start to close. Never returns an
-/// error: whatever happens is logged and counted here, and cannot reach the
-/// acceptor or another connection.
-pub(crate) async fn serve(
-    runtime: Arc<Runtime>,
-    stats: Arc<Stats>,
+/// How a connection ended, with its totals: what [`serve_stream`] returns.
+#[derive(Clone, Debug)]
+pub struct Served {
+    pub outcome: Outcome,
+    pub duration: Duration,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+}
+
+/// Serve one TCP connection with `runtime` until it ends, count it in
+/// `stats`, and report how it ended. Never fails: whatever the guest or the
+/// client does becomes an [`Outcome`].
+///
+/// The acceptor calls this for every connection; an embedder that accepts
+/// connections itself (and the benchmarks) can call it directly. `cancel`
+/// cuts the connection off (server shutdown after the drain deadline).
+pub async fn serve_stream(
+    runtime: &Runtime,
+    stats: &Stats,
     tcp: TcpStream,
     id: u64,
-    peer: SocketAddr,
-    cancel: CancellationToken,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-) {
+    cancel: &CancellationToken,
+) -> Served {
     let started = Instant::now();
     let _open = stats.connection_opened();
-    tracing::debug!(conn = id, %peer, "connection accepted");
-    let local = tcp
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+    let peer = tcp.peer_addr().unwrap_or(unknown);
+    let local = tcp.local_addr().unwrap_or(unknown);
     let socket = Socket::new(tcp);
-    let limits = runtime.limits().clone();
+    let limits = runtime.limits();
     let info = ConnectionInfo { id, peer, local };
 
     let mut outcome = tokio::select! {
-        outcome = call_handler(&runtime, &stats, &socket, info) => outcome,
+        outcome = call_handler(runtime, stats, &socket, info) => outcome,
         limit = watchdog(&socket, started, limits.idle_timeout, limits.max_lifetime) => Outcome::Limit(limit),
         () = cancel.cancelled() => Outcome::Cancelled,
     };
@@ -303,10 +313,35 @@ pub(crate) async fn serve(
         _ => None,
     };
     stats.record(outcome.kind(), limit);
-    let duration_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let (bytes_in, bytes_out) = (socket.activity().bytes_in(), socket.activity().bytes_out());
+    Served {
+        outcome,
+        duration: started.elapsed(),
+        bytes_in: socket.activity().bytes_in(),
+        bytes_out: socket.activity().bytes_out(),
+    }
+}
+
+/// The acceptor's task for one connection: serve it, log the one line that
+/// says how it ended, and release the connection permit.
+pub(crate) async fn serve(
+    runtime: Arc<Runtime>,
+    stats: Arc<Stats>,
+    tcp: TcpStream,
+    id: u64,
+    peer: SocketAddr,
+    cancel: CancellationToken,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    tracing::debug!(conn = id, %peer, "connection accepted");
+    let Served {
+        outcome,
+        duration,
+        bytes_in,
+        bytes_out,
+    } = serve_stream(&runtime, &stats, tcp, id, &cancel).await;
+    let duration_ms = duration.as_secs_f64() * 1000.0;
     match &outcome {
-        Outcome::Ok | Outcome::ClientReset => {
+        Outcome::Ok | Outcome::ClientReset | Outcome::Cancelled => {
             tracing::info!(conn = id, %peer, %outcome, duration_ms, bytes_in, bytes_out, "connection closed")
         }
         Outcome::Err(msg) | Outcome::Trap(msg) | Outcome::Failed(msg) => {
@@ -314,9 +349,6 @@ pub(crate) async fn serve(
         }
         Outcome::Limit(limit) => {
             tracing::warn!(conn = id, %peer, %outcome, %limit, duration_ms, bytes_in, bytes_out, "connection closed")
-        }
-        Outcome::Cancelled => {
-            tracing::info!(conn = id, %peer, %outcome, duration_ms, bytes_in, bytes_out, "connection closed")
         }
     }
 }

@@ -41,7 +41,8 @@ pub mod stats;
 pub mod streams;
 
 pub use config::Config;
-pub use connection::Outcome;
+pub use connection::{Outcome, Served, serve_stream};
 pub use limits::{LimitKind, Limits};
+pub use runtime::Runtime;
 pub use server::{Server, bind, run};
 pub use stats::{OutcomeKind, Stats};
