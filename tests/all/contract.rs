@@ -97,3 +97,45 @@ async fn shutdown_drains_live_connections() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+/// Ensure the Rust SDK's `std::io` adapters carry an ordinary `BufReader`
+/// line protocol: commands split across packets, several per packet, are
+/// answered in order, and QUIT ends the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sdk_line_protocol() {
+    let server = TestServer::start(config("linecmd")).await;
+    let mut stream = server.connect().await;
+    stream
+        .write_all(b"SET greeting hello world\nGET gree")
+        .await
+        .unwrap();
+    stream.flush().await.unwrap();
+    let mut first = [0u8; 3];
+    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut first)
+        .await
+        .unwrap();
+    assert_eq!(&first, b"OK\n");
+    stream
+        .write_all(b"ting\nUPPER shout\nGET nothing\nTIME\nbogus\nQUIT\nGET greeting\n")
+        .await
+        .unwrap();
+    let (rest, reset) = read_to_close(&mut stream).await;
+    assert!(!reset);
+    let text = String::from_utf8(rest).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[..3], ["hello world", "SHOUT", "(nil)"]);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let guest_time: u64 = lines[3].parse().unwrap();
+    assert!(
+        guest_time.abs_diff(now) < 60,
+        "guest clock says {guest_time}, host {now}"
+    );
+    assert_eq!(lines[4..], ["ERR unknown command BOGUS", "BYE"]);
+    server
+        .wait_for("the connection to close", |s| s.closed() == 1)
+        .await;
+    server.stop().await;
+}
