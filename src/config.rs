@@ -51,6 +51,16 @@ pub struct Config {
     /// before they are cut off. A second signal exits at once.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Where compiled components are kept between runs (default:
+    /// $XDG_CACHE_HOME/wasm-sockserver or ~/.cache/wasm-sockserver). Must be
+    /// as trusted as this binary: its contents are loaded as native code.
+    #[arg(long, value_name = "DIR", conflicts_with = "no_cache")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Compile the component from scratch and keep no compiled code on disk.
+    #[arg(long)]
+    pub no_cache: bool,
 }
 
 impl Config {
@@ -70,6 +80,14 @@ impl Config {
             idle_timeout: self.idle_timeout,
             max_lifetime: self.max_lifetime,
         }
+    }
+
+    /// The compiled-code cache directory in effect, if any.
+    pub fn cache_dir(&self) -> Option<PathBuf> {
+        if self.no_cache {
+            return None;
+        }
+        self.cache_dir.clone().or_else(crate::cache::default_dir)
     }
 
     /// Checks that span options, or that an embedder may have broken by

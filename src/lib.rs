@@ -16,6 +16,7 @@
 //! - [`limits`]: per-connection limits, the memory limiter and CPU meter;
 //! - [`guest_log`]: guest stdout/stderr as tagged log lines;
 //! - [`stats`]: counters and gauges for embedders and tests;
+//! - [`cache`]: compiled components kept on disk between runs;
 //! - [`bindings`]: the host bindings generated from `wit/`.
 //!
 //! Embedding:
@@ -31,6 +32,7 @@
 //! ```
 
 pub mod bindings;
+pub mod cache;
 pub mod config;
 pub mod connection;
 pub mod guest_log;

@@ -31,12 +31,38 @@ pub struct Runtime {
 
 impl Runtime {
     /// Load the component at `path` for a server that holds at most
-    /// `max_connections` connections at once.
+    /// `max_connections` connections at once, compiling it from scratch.
     ///
     /// Every problem with the file (missing, not wasm, a core module, the
     /// wrong exports, an import the host lacks, memory beyond the limit) is
     /// an error with a one-line explanation, before anything is bound.
     pub fn load(path: &Path, limits: &Limits, max_connections: usize) -> Result<Runtime> {
+        Runtime::load_inner(path, limits, max_connections, None)
+    }
+
+    /// Like [`Runtime::load`], but keep compiled code in `cache_dir` and
+    /// reuse it when the same component is loaded again by the same build
+    /// of the server with the same settings. A large JavaScript or Python
+    /// component takes seconds to compile and milliseconds to load.
+    ///
+    /// The cache holds native code that is loaded without validation, so
+    /// `cache_dir` must be as trusted as the server binary; it is created
+    /// readable by its owner only.
+    pub fn load_cached(
+        path: &Path,
+        limits: &Limits,
+        max_connections: usize,
+        cache_dir: &Path,
+    ) -> Result<Runtime> {
+        Runtime::load_inner(path, limits, max_connections, Some(cache_dir))
+    }
+
+    fn load_inner(
+        path: &Path,
+        limits: &Limits,
+        max_connections: usize,
+        cache_dir: Option<&Path>,
+    ) -> Result<Runtime> {
         let shown = path.display();
         let bytes = std::fs::read(path).with_context(|| format!("cannot read module {shown}"))?;
         if !wasmparser::Parser::is_component(&bytes) {
@@ -53,11 +79,11 @@ impl Runtime {
         // The pool must be sized from the component's own counts of core
         // instances, memories and tables, which are only known once it is
         // compiled. Compile with an engine that is identical except for its
-        // allocation strategy, then move the compiled code to the pooling
+        // allocation strategy, then load the compiled code into the pooling
         // engine.
         let probe = anyhow(Engine::new(&engine_config(limits)))
             .context("failed to create the wasm engine")?;
-        let compiled = anyhow(Component::new(&probe, &bytes))
+        let (compiled, artifact) = crate::cache::compile(&probe, &bytes, cache_dir)
             .with_context(|| format!("{shown} is not a valid component"))?;
         check_exports(&probe, &compiled, &shown.to_string())?;
         let counts = Counts::of(&compiled, &bytes, limits, &shown.to_string())?;
@@ -70,12 +96,11 @@ impl Runtime {
         )));
         let engine =
             anyhow(Engine::new(&config)).context("failed to create the pooling wasm engine")?;
-        let serialized =
-            anyhow(compiled.serialize()).context("failed to serialize the compiled component")?;
-        // SAFETY: these bytes were produced a moment ago by `serialize` in
-        // this process from an engine with the same code-generation
-        // settings; they are not read from anywhere an attacker can write.
-        let component = anyhow(unsafe { Component::deserialize(&engine, &serialized) })
+        // SAFETY: the artifact comes from `precompile_component` of an engine
+        // with the same settings (the cache key includes them), and the
+        // pooling engine differs from the probe only in its allocation
+        // strategy, which compiled code does not depend on.
+        let component = anyhow(unsafe { Component::deserialize(&engine, &artifact) })
             .context("failed to load the compiled component into the pooling engine")?;
 
         let mut linker = Linker::<HostState>::new(&engine);

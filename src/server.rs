@@ -68,7 +68,11 @@ impl Server {
     pub fn new(config: &Config) -> Result<Server> {
         config.validate()?;
         let max_connections = config.max_connections as usize;
-        let runtime = Runtime::load(&config.module, &config.limits(), max_connections)?;
+        let limits = config.limits();
+        let runtime = match config.cache_dir() {
+            Some(dir) => Runtime::load_cached(&config.module, &limits, max_connections, &dir)?,
+            None => Runtime::load(&config.module, &limits, max_connections)?,
+        };
         Ok(Server {
             runtime: Arc::new(runtime),
             stats: Arc::new(Stats::default()),

@@ -139,3 +139,60 @@ async fn sdk_line_protocol() {
         .await;
     server.stop().await;
 }
+
+/// Ensure the compiled-code cache is used on the second start, survives a
+/// corrupt entry (recompiles instead of failing), and `--no-cache` skips it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compiled_code_cache() {
+    let dir = crate::util::root().join(format!("target/cache-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let module = guest("echo");
+    let args = [
+        "--module",
+        module.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--cache-dir",
+        dir.to_str().unwrap(),
+    ];
+
+    let mut first = Binary::start(&args).await;
+    first.log_line(&["compiled component"]).await;
+    first.stop().await;
+    let entries: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+
+    let mut second = Binary::start(&args).await;
+    second
+        .log_line(&["loaded compiled component from cache"])
+        .await;
+    let mut canary = crate::util::Canary::connect(second.addr).await;
+    canary.check().await;
+    drop(canary);
+    second.stop().await;
+
+    std::fs::write(&entries[0], b"not compiled code").unwrap();
+    let mut third = Binary::start(&args).await;
+    third.log_line(&["ignoring unusable cache entry"]).await;
+    crate::util::Canary::connect(third.addr).await;
+    third.stop().await;
+    assert!(
+        std::fs::read(&entries[0]).unwrap().len() > 1000,
+        "the corrupt entry was not replaced"
+    );
+
+    let mut uncached = Binary::start(&[
+        "--module",
+        module.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--no-cache",
+    ])
+    .await;
+    uncached.log_line(&["compiled component"]).await;
+    uncached.stop().await;
+    std::fs::remove_dir_all(&dir).unwrap();
+}

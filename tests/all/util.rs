@@ -46,7 +46,13 @@ pub fn config(name: &str) -> Config {
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.max_connections = 100;
     config.shutdown_timeout = Duration::from_secs(5);
+    config.cache_dir = Some(test_cache());
     config
+}
+
+/// A compiled-code cache private to the test suite.
+pub fn test_cache() -> PathBuf {
+    root().join("target/test-cache")
 }
 
 /// A server running in this process on 127.0.0.1:0.
@@ -179,7 +185,8 @@ pub struct Binary {
 
 pub fn binary() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasm-sockserver"));
-    cmd.env("RUST_LOG", "info")
+    cmd.env("XDG_CACHE_HOME", root().join("target/test-xdg-cache"))
+        .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .kill_on_drop(true);
