@@ -40,7 +40,7 @@ pub fn compile(engine: &Engine, bytes: &[u8], dir: Option<&Path>) -> Result<(Com
                 // itself; wasmtime still checks its header and settings.
                 match unsafe { Component::deserialize(engine, &artifact) } {
                     Ok(component) => {
-                        tracing::info!(path = %path.display(), "loaded compiled component from cache");
+                        tracing::debug!(path = %path.display(), "loaded compiled component from cache");
                         return Ok((component, artifact));
                     }
                     Err(e) => {
@@ -59,7 +59,7 @@ pub fn compile(engine: &Engine, bytes: &[u8], dir: Option<&Path>) -> Result<(Com
     // SAFETY: produced a moment ago by this engine.
     let component =
         unsafe { Component::deserialize(engine, &artifact) }.map_err(anyhow::Error::from)?;
-    tracing::info!(
+    tracing::debug!(
         ms = start.elapsed().as_millis() as u64,
         bytes = bytes.len(),
         "compiled component"

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::Parser;
 use clap::error::ErrorKind;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use wasm_sockserver::{Config, Server};
 
 fn main() -> ExitCode {
@@ -52,6 +53,10 @@ fn serve(config: Config) -> Result<()> {
     runtime.block_on(async {
         let server = Server::new(&config)?;
         let listener = wasm_sockserver::bind(config.listen)?;
+        // Install the signal handlers before announcing the address: a
+        // signal that arrives after `listening on` must mean "shut down",
+        // never the default action of killing the process.
+        let signals = Signals::install()?;
         let addr = listener
             .local_addr()
             .context("cannot read the listener's address")?;
@@ -59,32 +64,43 @@ fn serve(config: Config) -> Result<()> {
         writeln!(stdout, "listening on {addr}").context("cannot write to stdout")?;
         stdout.flush().context("cannot write to stdout")?;
         drop(stdout);
-        server.run(listener, shutdown_signal()).await
+        server.run(listener, signals.shutdown()).await
     })
 }
 
-/// Resolves on the first Ctrl-C or SIGTERM. A second one exits at once,
-/// without waiting for connections to drain.
-async fn shutdown_signal() {
-    wait_for_signal().await;
-    tracing::info!("signal received: stopping (send another to exit at once)");
-    tokio::spawn(async {
-        wait_for_signal().await;
-        tracing::warn!("second signal: exiting without draining");
-        std::process::exit(130);
-    });
+/// SIGINT (Ctrl-C) and SIGTERM, registered up front.
+struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
 }
 
-async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = async {
-            match term.as_mut() {
-                Some(term) => { term.recv().await; }
-                None => std::future::pending::<()>().await,
-            }
-        } => {}
+impl Signals {
+    fn install() -> Result<Signals> {
+        Ok(Signals {
+            interrupt: signal(SignalKind::interrupt())
+                .context("cannot install a SIGINT handler")?,
+            terminate: signal(SignalKind::terminate())
+                .context("cannot install a SIGTERM handler")?,
+        })
+    }
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+    }
+
+    /// Resolves on the first signal. A second one exits at once, without
+    /// waiting for connections to drain.
+    async fn shutdown(mut self) {
+        self.next().await;
+        tracing::info!("signal received: stopping (send another to exit at once)");
+        tokio::spawn(async move {
+            self.next().await;
+            tracing::warn!("second signal: exiting without draining");
+            std::process::exit(130);
+        });
     }
 }
 

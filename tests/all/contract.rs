@@ -4,7 +4,7 @@
 
 use tokio::io::AsyncWriteExt;
 
-use crate::util::{Binary, TestServer, config, guest, read_to_close, roundtrip};
+use crate::util::{Binary, TestServer, config, read_to_close, roundtrip};
 
 /// Ensure `connection` reports the id and both addresses as the client
 /// sees them, formatted like Rust's SocketAddr.
@@ -25,14 +25,7 @@ async fn connection_resource() {
 /// id, the outcome is logged once per connection, and SIGTERM exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn binary_serves_logs_and_stops() {
-    let module = guest("connid");
-    let mut server = Binary::start(&[
-        "--module",
-        module.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ])
-    .await;
+    let mut server = Binary::fixture("connid", &[]).await;
     assert_ne!(server.addr.port(), 0);
 
     let mut stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
@@ -70,14 +63,7 @@ async fn binary_serves_logs_and_stops() {
 /// exchange, and the process then exits 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_live_connections() {
-    let module = guest("echo");
-    let mut server = Binary::start(&[
-        "--module",
-        module.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ])
-    .await;
+    let mut server = Binary::fixture("echo", &[]).await;
     let mut live = tokio::net::TcpStream::connect(server.addr).await.unwrap();
     assert_eq!(crate::util::ping(&mut live, b"one").await, b"one");
 
@@ -146,17 +132,9 @@ async fn sdk_line_protocol() {
 async fn compiled_code_cache() {
     let dir = crate::util::root().join(format!("target/cache-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let module = guest("echo");
-    let args = [
-        "--module",
-        module.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--cache-dir",
-        dir.to_str().unwrap(),
-    ];
+    let args = ["--cache-dir", dir.to_str().unwrap()];
 
-    let mut first = Binary::start(&args).await;
+    let mut first = Binary::fixture("echo", &args).await;
     first.log_line(&["compiled component"]).await;
     first.stop().await;
     let entries: Vec<_> = std::fs::read_dir(&dir)
@@ -165,7 +143,7 @@ async fn compiled_code_cache() {
         .collect();
     assert_eq!(entries.len(), 1, "{entries:?}");
 
-    let mut second = Binary::start(&args).await;
+    let mut second = Binary::fixture("echo", &args).await;
     second
         .log_line(&["loaded compiled component from cache"])
         .await;
@@ -175,7 +153,7 @@ async fn compiled_code_cache() {
     second.stop().await;
 
     std::fs::write(&entries[0], b"not compiled code").unwrap();
-    let mut third = Binary::start(&args).await;
+    let mut third = Binary::fixture("echo", &args).await;
     third.log_line(&["ignoring unusable cache entry"]).await;
     crate::util::Canary::connect(third.addr).await;
     third.stop().await;
@@ -184,14 +162,7 @@ async fn compiled_code_cache() {
         "the corrupt entry was not replaced"
     );
 
-    let mut uncached = Binary::start(&[
-        "--module",
-        module.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--no-cache",
-    ])
-    .await;
+    let mut uncached = Binary::fixture("echo", &["--no-cache"]).await;
     uncached.log_line(&["compiled component"]).await;
     uncached.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();

@@ -11,25 +11,23 @@ use tokio::net::TcpStream;
 use crate::util::{Binary, Canary, cpu_time, field, guest, ping, proc_status_kib, read_to_close};
 
 async fn start(fixture: &str, extra: &[&str]) -> Binary {
-    let module = guest(fixture);
-    let mut args = vec![
-        "--module",
-        module.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--max-connections",
-        "64",
-    ];
+    let mut args = vec!["--max-connections", "64"];
     args.extend_from_slice(extra);
-    Binary::start(&args).await
+    Binary::fixture(fixture, &args).await
+}
+
+/// Connect, check the fixture echoes, and send its trigger word.
+async fn pull_trigger(addr: std::net::SocketAddr, word: &[u8]) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(ping(&mut stream, b"hello").await, b"hello");
+    stream.write_all(word).await.unwrap();
+    stream
 }
 
 /// Connect, check the echo works, send the trigger word, and read until the
 /// server closes. Returns how long the close took after the trigger.
 async fn trigger(addr: std::net::SocketAddr, word: &[u8]) -> Duration {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    assert_eq!(ping(&mut stream, b"hello").await, b"hello");
-    stream.write_all(word).await.unwrap();
+    let mut stream = pull_trigger(addr, word).await;
     let start = Instant::now();
     let (rest, _) = read_to_close(&mut stream).await;
     assert!(
@@ -148,9 +146,7 @@ async fn hugewrite_to_non_reader() {
     let mut server = start("hugewrite", &["--idle-timeout", "2s"]).await;
     let mut canary = Canary::connect(server.addr).await;
     let before = proc_status_kib(server.pid(), "VmRSS");
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    assert_eq!(ping(&mut stream, b"hello").await, b"hello");
-    stream.write_all(b"hugewrite").await.unwrap();
+    let stream = pull_trigger(server.addr, b"hugewrite").await;
     // Sample while the guest is blocked on the full socket.
     let mut samples = Vec::new();
     for _ in 0..4 {
@@ -186,9 +182,7 @@ async fn neverread_while_client_pushes() {
     let mut server = start("neverread", &["--idle-timeout", "1s"]).await;
     let mut canary = Canary::connect(server.addr).await;
     let before = proc_status_kib(server.pid(), "VmRSS");
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
-    assert_eq!(ping(&mut stream, b"hello").await, b"hello");
-    stream.write_all(b"neverread").await.unwrap();
+    let mut stream = pull_trigger(server.addr, b"neverread").await;
     let pusher = tokio::spawn(async move {
         let block = vec![7u8; 1 << 20];
         let mut pushed = 0usize;
@@ -252,16 +246,7 @@ async fn resflood_hits_table_cap() {
 /// waiting clients once slots free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saturated_server_is_quiet() {
-    let module = guest("echo");
-    let mut server = Binary::start(&[
-        "--module",
-        module.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--max-connections",
-        "5",
-    ])
-    .await;
+    let mut server = Binary::fixture("echo", &["--max-connections", "5"]).await;
     let mut held = Vec::new();
     for _ in 0..5 {
         held.push(Canary::connect(server.addr).await);

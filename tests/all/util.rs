@@ -186,7 +186,7 @@ pub struct Binary {
 pub fn binary() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasm-sockserver"));
     cmd.env("XDG_CACHE_HOME", root().join("target/test-xdg-cache"))
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info,wasm_sockserver::cache=debug")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .kill_on_drop(true);
@@ -194,6 +194,20 @@ pub fn binary() -> Command {
 }
 
 impl Binary {
+    /// Start the binary serving guest fixture `fixture` on 127.0.0.1:0,
+    /// with `extra` flags.
+    pub async fn fixture(fixture: &str, extra: &[&str]) -> Binary {
+        let module = guest(fixture);
+        let mut args = vec![
+            "--module",
+            module.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        Binary::start(&args).await
+    }
+
     /// Start the binary and wait for its `listening on` line.
     pub async fn start(args: &[&str]) -> Binary {
         Binary::start_with(binary().args(args)).await
@@ -260,10 +274,13 @@ impl Binary {
 /// Run the binary with `args` to completion (it must exit on its own).
 /// Returns the exit code and stderr.
 pub async fn run_binary(args: &[&str]) -> (i32, String) {
-    let out = tokio::time::timeout(PATIENCE, binary().args(args).output())
-        .await
-        .expect("binary exits")
-        .unwrap();
+    let out = tokio::time::timeout(
+        PATIENCE,
+        binary().env("RUST_LOG", "info").args(args).output(),
+    )
+    .await
+    .expect("binary exits")
+    .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
