@@ -209,6 +209,12 @@ impl Counts {
                 limits::MAX_INSTANCES
             );
         }
+        tracing::debug!(
+            core_instances,
+            memories = required.num_memories,
+            tables = required.num_tables,
+            "component resources per instance"
+        );
         Ok(Counts {
             core_instances,
             memories: required.num_memories,
@@ -219,15 +225,19 @@ impl Counts {
 
 /// Core instances a component creates when instantiated: every
 /// `instantiate` in its core-instance sections, nested components included.
-/// (Instances made from a bag of exports take no pool slot, but counting
-/// them too only over-provisions slightly.)
+/// Instances made from a bag of exports take no pool slot.
 fn count_core_instances(bytes: &[u8]) -> Result<u32> {
     let mut count = 0u32;
     for payload in wasmparser::Parser::new(0).parse_all(bytes) {
         if let wasmparser::Payload::InstanceSection(reader) =
             payload.context("failed to parse component")?
         {
-            count += reader.count();
+            for instance in reader {
+                let instance = instance.context("failed to parse component")?;
+                if matches!(instance, wasmparser::Instance::Instantiate { .. }) {
+                    count += 1;
+                }
+            }
         }
     }
     Ok(count)
@@ -237,6 +247,9 @@ fn count_core_instances(bytes: &[u8]) -> Result<u32> {
 ///
 /// Every `total_*` defaults to 1000, which would fail connection 1001, so
 /// each is derived from the connection limit and the component's counts.
+/// Core instances get headroom (×2 + 2) for modules wasmtime itself adds,
+/// such as fused adapters between nested components; an unused slot costs
+/// only address space.
 fn pool_config(
     limits: &Limits,
     max_connections: usize,
@@ -247,7 +260,7 @@ fn pool_config(
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(n)
         .total_stacks(n)
-        .total_core_instances(times(counts.core_instances))
+        .total_core_instances(times(counts.core_instances * 2 + 2))
         .total_memories(times(counts.memories))
         .total_tables(times(counts.tables))
         .max_memory_size(memory_reservation(limits) as usize)
