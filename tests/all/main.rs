@@ -6,6 +6,7 @@ mod contract;
 mod echo;
 mod hostile;
 mod isolation;
+mod languages;
 mod limits;
 mod streams;
 mod util;

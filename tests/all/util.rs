@@ -42,7 +42,13 @@ pub fn guest(name: &str) -> PathBuf {
 /// A config for fixture `name` with a small pool, so many test servers fit
 /// in one process.
 pub fn config(name: &str) -> Config {
-    let mut config = Config::new(guest(name));
+    config_for(guest(name))
+}
+
+/// A test config for the component at `module`: port 0, a small pool, a
+/// short drain and the test suite's own compiled-code cache.
+pub fn config_for(module: PathBuf) -> Config {
+    let mut config = Config::new(module);
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.max_connections = 100;
     config.shutdown_timeout = Duration::from_secs(5);

@@ -1,0 +1,158 @@
+//! Handlers written in JavaScript (componentize-js), Python
+//! (componentize-py) and C (wit-bindgen c + wasi-libc), built from source by
+//! `scripts/build-examples.sh`, served by the real server. One server per
+//! component: the big JS and Python components take seconds to compile.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use tokio::io::AsyncWriteExt;
+use wasm_sockserver::{Config, OutcomeKind};
+
+use crate::util::{TestServer, pattern, ping, read_to_close, root, roundtrip};
+
+/// The path of `examples/build/NAME.wasm`, building every example (once per
+/// test run) with the same script a developer uses.
+fn example(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let status = std::process::Command::new("bash")
+            .arg(root().join("scripts/build-examples.sh"))
+            .status()
+            .expect("run scripts/build-examples.sh");
+        assert!(status.success(), "building the examples failed");
+    });
+    let path = root().join("examples/build").join(format!("{name}.wasm"));
+    assert!(path.exists(), "no example component {}", path.display());
+    path
+}
+
+fn config(name: &str) -> Config {
+    crate::util::config_for(example(name))
+}
+
+/// One byte, 1 MiB, then 16 concurrent clients, all on one server.
+async fn echoes_exactly(name: &str) {
+    let server = TestServer::start(config(name)).await;
+
+    assert_eq!(roundtrip(server.connect().await, b"x").await, b"x");
+
+    let data = pattern(1 << 20, 1);
+    let got = roundtrip(server.connect().await, &data).await;
+    assert_eq!(got.len(), data.len(), "{name}: 1 MiB echo length");
+    assert!(got == data, "{name}: 1 MiB echoed bytes differ");
+
+    let mut clients = Vec::new();
+    for client in 0..16u64 {
+        let mut stream = server.connect().await;
+        clients.push(tokio::spawn(async move {
+            for round in 0..20u64 {
+                let msg = pattern(
+                    1 + ((client * 37 + round * 11) % 3000) as usize,
+                    client * 1000 + round,
+                );
+                assert_eq!(
+                    ping(&mut stream, &msg).await,
+                    msg,
+                    "client {client} round {round}"
+                );
+            }
+            let tail = pattern(100_000, client);
+            assert!(
+                roundtrip(stream, &tail).await == tail,
+                "client {client} tail"
+            );
+        }));
+    }
+    for client in clients {
+        client.await.unwrap();
+    }
+
+    server
+        .wait_for("all 18 connections to close", |s| {
+            s.closed() == 18 && s.live_stores() == 0
+        })
+        .await;
+    assert_eq!(server.stats.outcomes(OutcomeKind::Ok), 18, "{name}");
+    server.stop().await;
+}
+
+/// A sends and receives around B's crash; C connects after it.
+async fn crash_is_isolated(name: &str, crash_outcome: OutcomeKind) {
+    let server = TestServer::start(config(name)).await;
+    let mut a = server.connect().await;
+    assert_eq!(ping(&mut a, b"before").await, b"before");
+
+    let mut b = server.connect().await;
+    assert_eq!(ping(&mut b, b"hello").await, b"hello");
+    b.write_all(b"crash").await.unwrap();
+    let (rest, _) = read_to_close(&mut b).await;
+    assert!(
+        rest.is_empty(),
+        "{name}: the crashing connection echoed {rest:?}"
+    );
+    server
+        .wait_for("B's crash to be counted", |s| {
+            s.outcomes(crash_outcome) == 1
+        })
+        .await;
+
+    assert_eq!(ping(&mut a, b"during").await, b"during");
+    let mut c = server.connect().await;
+    assert_eq!(ping(&mut c, b"after").await, b"after");
+    assert_eq!(ping(&mut a, b"still here").await, b"still here");
+    drop((a, c));
+    server
+        .wait_for("all connections to close", |s| {
+            s.closed() == 3 && s.live_stores() == 0
+        })
+        .await;
+    assert_eq!(server.stats.outcomes(crash_outcome), 1, "{name}");
+    assert_eq!(server.stats.outcomes(OutcomeKind::Ok), 2, "{name}");
+    server.stop().await;
+}
+
+/// Ensure the JavaScript echo handler returns exact bytes for 1 byte, 1 MiB
+/// and 16 concurrent clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_echo() {
+    echoes_exactly("js-echo").await;
+}
+
+/// Ensure a JavaScript handler that throws an Error ends only its own
+/// connection (outcome `trap`: only a thrown string becomes `err`), while
+/// other connections keep echoing and new ones are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn js_crash() {
+    crash_is_isolated("js-crash", OutcomeKind::Trap).await;
+}
+
+/// Ensure the Python echo handler returns exact bytes for 1 byte, 1 MiB and
+/// 16 concurrent clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_echo() {
+    echoes_exactly("python-echo").await;
+}
+
+/// Ensure a Python handler that raises ends only its own connection
+/// (outcome `trap`), while other connections keep echoing and new ones are
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_crash() {
+    crash_is_isolated("python-crash", OutcomeKind::Trap).await;
+}
+
+/// Ensure the C echo handler returns exact bytes for 1 byte, 1 MiB and 16
+/// concurrent clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_echo() {
+    echoes_exactly("c-echo").await;
+}
+
+/// Ensure a C handler that calls abort() ends only its own connection
+/// (outcome `trap`), while other connections keep echoing and new ones are
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_crash() {
+    crash_is_isolated("c-crash", OutcomeKind::Trap).await;
+}
