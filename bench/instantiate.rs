@@ -1,0 +1,114 @@
+//! Micro benchmark: what one connection costs wasm-sockserver before any
+//! byte moves. `serve_stream` on a loopback socket whose client side has
+//! already shut down its write half, so the echo handler's `handle` returns
+//! at once: a Store, instantiation from the pooling allocator, the empty
+//! call, flush, close and teardown. Socket setup is not timed.
+//!
+//! `cargo bench --bench instantiate [-- --iters N]` (cargo passes `--bench`)
+//! measures 20 000 iterations and prints the median and p90, then one JSON
+//! line for bench/run.sh. Without `--bench` (as under
+//! `cargo test --all-targets`) it is a 50-iteration smoke run, which also
+//! passes when the echo component has not been built.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use wasm_sockserver::{Limits, Outcome, Runtime, Stats, serve_stream};
+
+const BENCH_ITERS: usize = 20_000;
+const SMOKE_ITERS: usize = 50;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let bench = args.iter().any(|a| a == "--bench");
+    let iters = args
+        .iter()
+        .position(|a| a == "--iters")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(if bench { BENCH_ITERS } else { SMOKE_ITERS })
+        .max(1);
+
+    let echo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("guest/target/wasm32-wasip2/release/echo.wasm");
+    if !echo.exists() {
+        eprintln!(
+            "instantiate: {} not found: build it with `bash scripts/build-guests.sh`",
+            echo.display()
+        );
+        if bench {
+            std::process::exit(1);
+        }
+        eprintln!("instantiate: smoke run skipped");
+        return;
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let (samples, failures) = runtime.block_on(measure(&echo, iters));
+    report(samples, failures, bench);
+    if failures > 0 {
+        std::process::exit(1);
+    }
+}
+
+/// Time `iters` connections (after a short warm-up); returns the sorted
+/// durations and how many did not end `ok`.
+async fn measure(echo: &std::path::Path, iters: usize) -> (Vec<Duration>, u64) {
+    let wasm = Runtime::load(echo, &Limits::default(), 64).expect("load the echo component");
+    let stats = Stats::default();
+    let cancel = CancellationToken::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local address");
+
+    let warmup = (iters / 10).clamp(5, 500);
+    let mut samples = Vec::with_capacity(iters);
+    let mut failures = 0;
+    for i in 0..warmup + iters {
+        // A connection whose client has already sent FIN.
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut client = client.expect("connect");
+        let (server, _) = server.expect("accept");
+        client.shutdown().await.expect("half-close");
+
+        let started = Instant::now();
+        let served = serve_stream(&wasm, &stats, server, i as u64, &cancel).await;
+        let elapsed = started.elapsed();
+        if served.outcome != Outcome::Ok {
+            failures += 1;
+            if failures == 1 {
+                eprintln!("instantiate: connection ended {:?}", served.outcome);
+            }
+        }
+        if i >= warmup {
+            samples.push(elapsed);
+        }
+        drop(client);
+    }
+    samples.sort();
+    (samples, failures)
+}
+
+fn report(samples: Vec<Duration>, failures: u64, bench: bool) {
+    let at = |q: f64| {
+        let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
+        samples[rank - 1].as_secs_f64() * 1e6
+    };
+    let (min, median, p90, p99) = (at(0.0), at(0.5), at(0.9), at(0.99));
+    println!(
+        "instantiate + empty handle ({} iterations{}): median {median:.1} µs, p90 {p90:.1} µs, \
+         p99 {p99:.1} µs, min {min:.1} µs, failures {failures}",
+        samples.len(),
+        if bench { "" } else { ", smoke run" },
+    );
+    println!(
+        "{{\"test\":\"instantiate\",\"server\":\"wasm\",\"iters\":{},\"median_us\":{median:.3},\
+         \"p90_us\":{p90:.3},\"p99_us\":{p99:.3},\"min_us\":{min:.3},\"errors\":{failures}}}",
+        samples.len()
+    );
+}
