@@ -50,16 +50,17 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let (samples, failures) = runtime.block_on(measure(&echo, iters));
-    report(samples, failures, bench);
+    let (samples, baseline, failures) = runtime.block_on(measure(&echo, iters));
+    report(samples, baseline, failures, bench);
     if failures > 0 {
         std::process::exit(1);
     }
 }
 
 /// Time `iters` connections (after a short warm-up); returns the sorted
-/// durations and how many did not end `ok`.
-async fn measure(echo: &std::path::Path, iters: usize) -> (Vec<Duration>, u64) {
+/// durations, the sorted durations of the same socket teardown without
+/// wasm (the part a native server pays too), and how many did not end `ok`.
+async fn measure(echo: &std::path::Path, iters: usize) -> (Vec<Duration>, Vec<Duration>, u64) {
     let wasm = Runtime::load(echo, &Limits::default(), 64).expect("load the echo component");
     let stats = Stats::default();
     let cancel = CancellationToken::new();
@@ -68,6 +69,7 @@ async fn measure(echo: &std::path::Path, iters: usize) -> (Vec<Duration>, u64) {
 
     let warmup = (iters / 10).clamp(5, 500);
     let mut samples = Vec::with_capacity(iters);
+    let mut baseline = Vec::with_capacity(iters);
     let mut failures = 0;
     for i in 0..warmup + iters {
         // A connection whose client has already sent FIN.
@@ -85,30 +87,53 @@ async fn measure(echo: &std::path::Path, iters: usize) -> (Vec<Duration>, u64) {
                 eprintln!("instantiate: connection ended {:?}", served.outcome);
             }
         }
+        drop(client);
+
+        // The same connection life with no wasm: half-close and close, as a
+        // native echo server does when its client has half-closed.
+        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        let mut client = client.expect("connect");
+        let (mut server, _) = server.expect("accept");
+        client.shutdown().await.expect("half-close");
+        let started = Instant::now();
+        let _ = server.shutdown().await;
+        drop(server);
+        let teardown = started.elapsed();
+        drop(client);
+
         if i >= warmup {
             samples.push(elapsed);
+            baseline.push(teardown);
         }
-        drop(client);
     }
     samples.sort();
-    (samples, failures)
+    baseline.sort();
+    (samples, baseline, failures)
 }
 
-fn report(samples: Vec<Duration>, failures: u64, bench: bool) {
+fn median_us(sorted: &[Duration]) -> f64 {
+    sorted[(sorted.len() - 1) / 2].as_secs_f64() * 1e6
+}
+
+fn report(samples: Vec<Duration>, baseline: Vec<Duration>, failures: u64, bench: bool) {
     let at = |q: f64| {
         let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
         samples[rank - 1].as_secs_f64() * 1e6
     };
     let (min, median, p90, p99) = (at(0.0), at(0.5), at(0.9), at(0.99));
+    let teardown = median_us(&baseline);
+    let wasm_part = median - teardown;
     println!(
         "instantiate + empty handle ({} iterations{}): median {median:.1} µs, p90 {p90:.1} µs, \
-         p99 {p99:.1} µs, min {min:.1} µs, failures {failures}",
+         p99 {p99:.1} µs, min {min:.1} µs, failures {failures}; socket teardown alone {teardown:.1} µs, \
+         so the wasm part is {wasm_part:.1} µs",
         samples.len(),
         if bench { "" } else { ", smoke run" },
     );
     println!(
         "{{\"test\":\"instantiate\",\"server\":\"wasm\",\"iters\":{},\"median_us\":{median:.3},\
-         \"p90_us\":{p90:.3},\"p99_us\":{p99:.3},\"min_us\":{min:.3},\"errors\":{failures}}}",
+         \"p90_us\":{p90:.3},\"p99_us\":{p99:.3},\"min_us\":{min:.3},\"socket_teardown_us\":{teardown:.3},\
+         \"wasm_part_us\":{wasm_part:.3},\"errors\":{failures}}}",
         samples.len()
     );
 }

@@ -183,6 +183,16 @@ const STARTUP: &[Metric] = &[
 
 const INSTANTIATE: &[Metric] = &[
     m("median_us", "median (µs)", Lower),
+    m(
+        "socket_teardown_us",
+        "of which socket half-close + close, as native pays (µs)",
+        NoRatio,
+    ),
+    m(
+        "wasm_part_us",
+        "wasm part: Store, instantiate, call, drop (µs)",
+        Lower,
+    ),
     m("p90_us", "p90 (µs)", Lower),
     m("min_us", "min (µs)", Lower),
     m("iters", "iterations", NoRatio),
