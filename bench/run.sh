@@ -84,17 +84,27 @@ fi
 
 say() { printf 'bench: %s\n' "$*" >&2; }
 
+# The smoke run only proves the harness works, so it uses the server's dev
+# build (the one the test suite already built) instead of building wasmtime
+# again in release mode, and leaves the micro benchmark to `cargo test`,
+# which runs it in smoke mode.
+server_profile=release
+[ "$mode" = smoke ] && server_profile=debug
 if [ "$build" = 1 ]; then
   say "building bench/ (loadgen, native-echo), the server and the guests"
   cargo build --quiet --release --manifest-path bench/Cargo.toml
-  cargo build --quiet --release
+  if [ "$server_profile" = release ]; then
+    cargo build --quiet --release
+    # The micro benchmark builds with dev-dependencies: build it now, unpinned.
+    cargo bench --quiet --no-run --bench instantiate
+  else
+    cargo build --quiet
+  fi
   bash scripts/build-guests.sh
-  # The micro benchmark builds with dev-dependencies: build it now, unpinned.
-  cargo bench --quiet --no-run --bench instantiate
 fi
 loadgen="$root/bench/target/release/loadgen"
 native="$root/bench/target/release/native-echo"
-server="$root/target/release/wasm-sockserver"
+server="$root/target/$server_profile/wasm-sockserver"
 echo_wasm="${module_override:-$root/guest/target/wasm32-wasip2/release/echo.wasm}"
 for f in "$loadgen" "$native" "$server" "$echo_wasm"; do
   [ -e "$f" ] || { echo "run.sh: $f is missing (run without --skip-build)" >&2; exit 1; }
@@ -267,6 +277,9 @@ else
 fi
 
 # Micro: instantiate + empty handle, in-process.
+if [ "$mode" = smoke ]; then
+  note --test instantiate --server wasm --skipped "smoke run: \`cargo test --all-targets\` runs the micro benchmark in smoke mode"
+else
 say "instantiate: cargo bench --bench instantiate -- --iters $micro_iters"
 if "${srv_pin[@]}" cargo bench --quiet --bench instantiate -- --iters "$micro_iters" \
       >"$logs/instantiate.stdout" 2>"$logs/instantiate.log"; then
@@ -274,6 +287,7 @@ if "${srv_pin[@]}" cargo bench --quiet --bench instantiate -- --iters "$micro_it
     || note --test instantiate --server wasm --failed "no JSON line from the benchmark"
 else
   note --test instantiate --server wasm --failed "cargo bench failed: $(tail -1 "$logs/instantiate.log")"
+fi
 fi
 
 t_end=$(date +%s)
@@ -285,7 +299,7 @@ rc=0
 "$loadgen" report --results "$results" --out "$out" --mode "$mode" \
   --started "$started_at" --loadavg "$loadavg_start" --nproc "$ncpu" \
   --pinning "$pinning" --durations "$durations" \
-  --servers "\`bench/target/release/native-echo\`; \`target/release/wasm-sockserver --module ${echo_wasm#"$root/"}\` with default limits and \`RUST_LOG=warn\` (the default \`info\` logs one line per connection); the micro benchmark always uses the echo component" \
+  --servers "\`bench/target/release/native-echo\`; \`target/$server_profile/wasm-sockserver --module ${echo_wasm#"$root/"}\` with default limits and \`RUST_LOG=warn\` (the default \`info\` logs one line per connection); the micro benchmark always uses the echo component" \
   --elapsed "$((t_end - t_battery)) s for the tests (builds excluded)" || rc=$?
 cat "$out"
 say "report: $out (tests took $((t_end - t_battery)) s, $((t_end - t_start)) s with builds)"

@@ -9,3 +9,4 @@ cd "$root"
 bash scripts/build-guests.sh
 bash scripts/build-examples.sh
 cargo test --all-targets
+bash bench/run.sh --smoke

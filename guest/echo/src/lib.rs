@@ -7,14 +7,12 @@ struct Echo;
 
 impl Handler for Echo {
     fn handle(_conn: Connection, input: InputStream, output: OutputStream) -> Result<(), String> {
-        // Read whatever arrived (up to 64 KiB), write it back with
-        // check-write/write, and flush so the client sees it before we block
-        // on the next read.
+        // Read whatever arrived (up to 64 KiB) and send it back: one
+        // `blocking-write-and-flush` for small chunks, check-write/write and
+        // one flush for large ones, so the client sees the echo before we
+        // block on the next read.
         while let Some(chunk) = sockserver_guest::read_chunk(&input).map_err(|e| e.to_string())? {
-            sockserver_guest::write_all(&output, &chunk).map_err(|e| e.to_string())?;
-            output
-                .blocking_flush()
-                .map_err(|e| format!("flush failed: {e:?}"))?;
+            sockserver_guest::send(&output, &chunk).map_err(|e| e.to_string())?;
         }
         Ok(())
     }

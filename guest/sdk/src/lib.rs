@@ -88,6 +88,22 @@ pub fn write_all(output: &OutputStream, mut bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// The most `blocking-write-and-flush` takes in one call (wasi:io's limit).
+pub const SMALL_WRITE: usize = 4096;
+
+/// Write all of `bytes` and wait until the host has handed them to the
+/// socket, in as few host calls as possible: one `blocking-write-and-flush`
+/// for up to [`SMALL_WRITE`] bytes, otherwise [`write_all`] then one
+/// `blocking-flush`. This is what a request/response handler wants after
+/// each response.
+pub fn send(output: &OutputStream, bytes: &[u8]) -> io::Result<()> {
+    if bytes.len() <= SMALL_WRITE {
+        return output.blocking_write_and_flush(bytes).map_err(stream_error);
+    }
+    write_all(output, bytes)?;
+    output.blocking_flush().map_err(stream_error)
+}
+
 /// `std::io::Read` over the connection's input stream, so existing protocol
 /// code (a `BufReader` line loop, say) works unchanged. End of stream (the
 /// client's FIN) reads as `Ok(0)`.
