@@ -301,6 +301,11 @@ rc=0
   --pinning "$pinning" --durations "$durations" \
   --servers "\`bench/target/release/native-echo\`; \`target/$server_profile/wasm-sockserver --module ${echo_wasm#"$root/"}\` with default limits and \`RUST_LOG=warn\` (the default \`info\` logs one line per connection); the micro benchmark always uses the echo component" \
   --elapsed "$((t_end - t_battery)) s for the tests (builds excluded)" || rc=$?
+# The hand-written analysis (goals, per-language figures, tuning
+# experiments) follows the generated tables in the full report.
+if [ "$mode" = full ] && [ -f "$root/bench/ANALYSIS.md" ]; then
+  { echo; cat "$root/bench/ANALYSIS.md"; } >>"$out"
+fi
 cat "$out"
 say "report: $out (tests took $((t_end - t_battery)) s, $((t_end - t_start)) s with builds)"
 if [ "$rc" -ne 0 ]; then
