@@ -45,9 +45,7 @@ run() { # NAME MODULE [SERVER FLAGS...]
 rows="$(
   run rust guest/target/wasm32-wasip2/release/echo.wasm
   run javascript examples/build/js-echo.wasm
-  run "javascript, --keep-resident 16MiB" examples/build/js-echo.wasm --keep-resident 16MiB
   run python examples/build/python-echo.wasm
-  run "python, --keep-resident 16MiB" examples/build/python-echo.wasm --keep-resident 16MiB
   run c examples/build/c-echo.wasm
 )"
 echo "| language | component size | churn conn/s | vs Rust | server CPU µs/conn | 64 B ping-pong rt/s | vs Rust | p99 µs | idle RSS KiB/conn | client errors |"
