@@ -250,3 +250,65 @@ async fn random_binary_echo() {
     }
     server.stop().await;
 }
+
+/// Ensure fair progress under bulk load: 10 connections streaming 64 KiB
+/// chunks full duplex through the echo each move a fair share of the bytes
+/// (none starved while another runs flat out), with no errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_streams_progress_fairly() {
+    const CONNS: usize = 10;
+    let server = TestServer::start(config("echo")).await;
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut tasks = Vec::new();
+    for c in 0..CONNS {
+        let (mut rd, mut wr) = server.connect().await.into_split();
+        tasks.push(tokio::spawn(async move {
+            let chunk = pattern(64 * 1024, c as u64);
+            let writer = tokio::spawn(async move {
+                let mut sent = 0usize;
+                while Instant::now() < deadline {
+                    wr.write_all(&chunk).await.unwrap();
+                    sent += chunk.len();
+                }
+                wr.shutdown().await.unwrap();
+                sent
+            });
+            let mut echoed = 0usize;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match rd.read(&mut buf).await.unwrap() {
+                    0 => break,
+                    n => echoed += n,
+                }
+            }
+            let sent = writer.await.unwrap();
+            assert_eq!(echoed, sent, "connection {c} lost bytes");
+            echoed
+        }));
+    }
+    let mut moved = Vec::new();
+    for task in tasks {
+        moved.push(
+            tokio::time::timeout(crate::util::PATIENCE, task)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
+    }
+    let (min, max) = (*moved.iter().min().unwrap(), *moved.iter().max().unwrap());
+    println!(
+        "bulk fairness: MB per connection {:?}",
+        moved.iter().map(|m| m >> 20).collect::<Vec<_>>()
+    );
+    // Starvation (the failure this guards against) is a connection moving
+    // almost nothing while another runs flat out.
+    assert!(
+        min * 5 >= max,
+        "unfair: one connection moved {min} bytes, another {max}"
+    );
+    server
+        .wait_for("all closed", |s| s.closed() == CONNS as u64)
+        .await;
+    assert_eq!(server.stats.outcomes(OutcomeKind::Ok), CONNS as u64);
+    server.stop().await;
+}
