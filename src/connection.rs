@@ -120,7 +120,11 @@ impl fmt::Display for Outcome {
 fn new_store(runtime: &Runtime, id: u64) -> Store<HostState> {
     let limits = runtime.limits();
     let (stdout, stderr) = GuestLog::pair(id, limits::GUEST_LOG_LINES);
-    let wasi = WasiCtxBuilder::new().stdout(stdout).stderr(stderr).build();
+    let wasi = WasiCtxBuilder::new()
+        .stdout(stdout)
+        .stderr(stderr)
+        .max_random_size(limits::MAX_RANDOM_BYTES)
+        .build();
     let mut table = ResourceTable::new();
     table.set_max_capacity(limits::MAX_TABLE_ENTRIES);
     let state = HostState {
@@ -134,13 +138,6 @@ fn new_store(runtime: &Runtime, id: u64) -> Store<HostState> {
     store.limiter(|state| &mut state.limiter);
     store.set_hostcall_fuel(limits::HOSTCALL_FUEL);
     store.set_max_component_handles(limits::MAX_TABLE_ENTRIES);
-    store.call_hook(|mut cx, hook| {
-        cx.data_mut().cpu.on_call_hook(hook);
-        Ok(())
-    });
-    // Each tick a running guest yields (so it cannot starve its worker
-    // thread) and is charged; the deadline is always one tick ahead, so a
-    // guest blocked in a host call is never interrupted for it.
     store.epoch_deadline_callback(|mut cx| {
         let state = cx.data_mut();
         if state.cpu.exhausted() {
@@ -166,8 +163,9 @@ async fn call_handler(
     socket: &Arc<Socket>,
     info: ConnectionInfo,
 ) -> Outcome {
-    let mut store = new_store(runtime, info.id);
+    // The gauge is created first so it is dropped after the Store.
     let _store_gauge = stats.store_created();
+    let mut store = new_store(runtime, info.id);
     let table = &mut store.data_mut().table;
     let handles = (|| -> Result<_, ResourceTableError> {
         let conn = table.push(info)?;
@@ -178,18 +176,23 @@ async fn call_handler(
     let Ok((conn, input, output)) = handles else {
         return Outcome::Failed("resource table full before the call".into());
     };
-    let instance = match runtime.pre.instantiate_async(&mut store).await {
+    // Start functions and `handle` both run guest code: charge both.
+    let meter = store.data().cpu.clone();
+    let instance = match meter
+        .measure(runtime.pre.instantiate_async(&mut store))
+        .await
+    {
         Ok(instance) => instance,
         Err(e) => return classify(&store, socket, e, "failed to instantiate the handler"),
     };
-    let result = instance
+    let call = instance
         .sockserver_handler_handler()
-        .call_handle(&mut store, conn, input, output)
-        .await;
+        .call_handle(&mut store, conn, input, output);
+    let result = meter.measure(call).await;
     match result {
         Ok(Ok(())) => Outcome::Ok,
         Ok(Err(_)) if socket.was_reset() => Outcome::ClientReset,
-        Ok(Err(msg)) => Outcome::Err(msg),
+        Ok(Err(msg)) => Outcome::Err(crate::guest_log::sanitize(&msg, 256)),
         Err(e) => classify(&store, socket, e, "trap"),
     }
 }
@@ -233,6 +236,10 @@ fn classify(
     }
 }
 
+/// How long a finished connection keeps reading (and discarding) what the
+/// client still sends before closing; see [`Socket::linger`].
+const LINGER: Duration = Duration::from_secs(2);
+
 /// Resolves when the connection has been idle (no byte either way) for
 /// `idle`, or has lived for `lifetime`.
 async fn watchdog(
@@ -241,18 +248,23 @@ async fn watchdog(
     idle: Duration,
     lifetime: Option<Duration>,
 ) -> LimitKind {
-    let end_of_life = lifetime.map(|life| started + life);
+    // A deadline too far away to represent is no deadline.
+    let end_of_life = lifetime.and_then(|life| started.checked_add(life));
     loop {
-        let idle_deadline = socket.activity().last() + idle;
+        let idle_deadline = socket.activity().last().checked_add(idle);
         let now = Instant::now();
-        if now >= idle_deadline {
+        if idle_deadline.is_some_and(|deadline| now >= deadline) {
             return LimitKind::Idle;
         }
-        match end_of_life {
-            Some(end) if now >= end => return LimitKind::Lifetime,
-            Some(end) if end < idle_deadline => tokio::time::sleep_until(end.into()).await,
-            _ => tokio::time::sleep_until(idle_deadline.into()).await,
+        if end_of_life.is_some_and(|end| now >= end) {
+            return LimitKind::Lifetime;
         }
+        let next = match (idle_deadline, end_of_life) {
+            (Some(idle), Some(end)) => idle.min(end),
+            (Some(deadline), None) | (None, Some(deadline)) => deadline,
+            (None, None) => return std::future::pending().await,
+        };
+        tokio::time::sleep_until(next.into()).await;
     }
 }
 
@@ -304,8 +316,17 @@ pub async fn serve_stream(
             () = cancel.cancelled() => outcome = Outcome::Cancelled,
         }
     }
-    if !outcome.finished() {
+    if outcome.finished() {
+        tokio::select! {
+            () = socket.linger(LINGER) => {}
+            () = cancel.cancelled() => {}
+        }
+    } else {
+        // A trap, a limit or shutdown cut the handler off: drop what it did
+        // not get delivered and reset, so the client can tell this from a
+        // finished exchange.
         socket.discard_output();
+        socket.set_linger_zero();
     }
 
     let limit = match outcome {

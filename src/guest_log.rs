@@ -75,11 +75,32 @@ impl GuestLog {
                 conn = self.conn,
                 stream = self.stream,
                 "{}",
-                String::from_utf8_lossy(line).trim_end_matches('\r')
+                sanitize(String::from_utf8_lossy(line).trim_end_matches('\r'), MAX_LINE)
             ),
             Err(_) => {}
         }
     }
+}
+
+/// Guest text made safe for a log line: at most `max` bytes (cut at a
+/// character boundary, marked with `…`), control characters (newlines,
+/// carriage returns, terminal escapes) shown escaped, so a guest, or a
+/// client whose input the guest echoes into an error, cannot forge or split
+/// log lines or drive the operator's terminal.
+pub fn sanitize(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max) + 3);
+    for c in text.chars() {
+        if out.len() >= max {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 impl IsTerminal for GuestLog {
@@ -173,5 +194,20 @@ impl tokio::io::AsyncWrite for LogStream {
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::sanitize;
+
+    #[test]
+    fn sanitize_escapes_and_truncates() {
+        assert_eq!(sanitize("plain text", 100), "plain text");
+        assert_eq!(
+            sanitize("two\nlines\r\x1b[31m", 100),
+            "two\\nlines\\r\\u{1b}[31m"
+        );
+        assert_eq!(sanitize("ééééé", 4), "éé…");
     }
 }

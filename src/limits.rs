@@ -3,9 +3,11 @@
 //! running wasm.
 
 use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use wasmtime::{CallHook, ResourceLimiter, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
 
 /// How often the epoch ticker advances the engine's epoch.
 ///
@@ -44,6 +46,11 @@ pub const MAX_WASM_STACK: usize = 512 * 1024;
 
 /// The fiber stack each running connection gets from the pool.
 pub const ASYNC_STACK: usize = 2 * 1024 * 1024;
+
+/// The most bytes one `get-random-bytes` call may ask for. wasmtime-wasi's
+/// default (64 MiB) would let a guest make the host build a 64 MiB buffer
+/// per call; real uses (seeds, keys, nonces) need a few dozen bytes.
+pub const MAX_RANDOM_BYTES: u64 = 64 * 1024;
 
 /// Lines of guest stdout/stderr logged per connection before the rest is
 /// dropped.
@@ -170,50 +177,110 @@ impl ResourceLimiter for Limiter {
     }
 }
 
-/// Measures how long a connection's guest has been running wasm.
+/// Measures the CPU a connection's guest costs: the time spent inside
+/// `poll` of its instantiate and `handle` futures.
 ///
-/// Epoch ticks are wall-clock ticks, so counting ticks would charge a guest
-/// for time it spends blocked in a host call (waiting for the client). The
-/// store's call hook instead marks every switch between wasm and host: time
-/// from entering wasm (or returning from the host) to leaving it (or calling
-/// the host) is execution time. The epoch callback itself runs inside such a
-/// host call, so time a guest spends parked in an epoch yield, waiting for
-/// other connections' turns, is not charged either.
+/// The guest runs on a fiber inside those polls, so this counts its wasm
+/// and every host call that completes without waiting (a `check-write`, a
+/// non-blocking `read`, `get-random-bytes`), and it excludes every
+/// suspension: time blocked waiting for the client or a clock, and time
+/// parked in an epoch yield while other connections run. A guest cannot
+/// hide work in busy host calls, and a busy machine does not make a guest
+/// run out of budget sooner. The epoch callback reads it every tick.
+#[derive(Clone)]
 pub struct CpuMeter {
     budget: Duration,
-    used: Duration,
-    running_since: Option<Instant>,
+    clock: Arc<CpuClock>,
+}
+
+/// Shared between the measuring future and the epoch callback (which runs
+/// inside a poll, so it must see the poll in progress).
+pub struct CpuClock {
+    base: Instant,
+    /// Nanoseconds spent in completed polls.
+    used: AtomicU64,
+    /// When the poll in progress started (nanoseconds after `base`, plus
+    /// one so that 0 means "not polling").
+    polling_since: AtomicU64,
+}
+
+impl CpuClock {
+    fn now(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX) + 1
+    }
 }
 
 impl CpuMeter {
     pub fn new(budget: Duration) -> Self {
+        let clock = CpuClock {
+            base: Instant::now(),
+            used: AtomicU64::new(0),
+            polling_since: AtomicU64::new(0),
+        };
         CpuMeter {
             budget,
-            used: Duration::ZERO,
-            running_since: None,
+            clock: Arc::new(clock),
         }
     }
 
-    /// Record a switch between wasm and host.
-    pub fn on_call_hook(&mut self, hook: CallHook) {
-        if hook.entering_host() {
-            if let Some(since) = self.running_since.take() {
-                self.used += since.elapsed();
-            }
-        } else {
-            self.running_since = Some(Instant::now());
-        }
-    }
-
-    /// Wasm execution time so far.
+    /// CPU time used so far, including the poll in progress.
     pub fn used(&self) -> Duration {
-        self.used
-            + self
-                .running_since
-                .map_or(Duration::ZERO, |since| since.elapsed())
+        let clock = &self.clock;
+        let since = clock.polling_since.load(Ordering::Relaxed);
+        let running = if since == 0 {
+            0
+        } else {
+            clock.now().saturating_sub(since)
+        };
+        Duration::from_nanos(clock.used.load(Ordering::Relaxed).saturating_add(running))
     }
 
     pub fn exhausted(&self) -> bool {
         self.used() >= self.budget
+    }
+
+    /// Wrap a future that runs the guest so its polls are charged.
+    pub fn measure<F: Future>(&self, future: F) -> impl Future<Output = F::Output> {
+        let clock = self.clock.clone();
+        let mut future = Box::pin(future);
+        std::future::poll_fn(move |cx| {
+            let start = clock.now();
+            clock.polling_since.store(start, Ordering::Relaxed);
+            let result = future.as_mut().poll(cx);
+            clock.polling_since.store(0, Ordering::Relaxed);
+            clock
+                .used
+                .fetch_add(clock.now().saturating_sub(start), Ordering::Relaxed);
+            result
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charges_polls_not_waits() {
+        let meter = CpuMeter::new(Duration::from_millis(50));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        runtime.block_on(meter.measure(async {
+            // Waiting is free...
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // ...busy work inside a poll is charged.
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_millis(30) {
+                std::hint::spin_loop();
+            }
+        }));
+        let used = meter.used();
+        assert!(
+            used >= Duration::from_millis(30) && used < Duration::from_millis(80),
+            "{used:?}"
+        );
+        assert!(!meter.exhausted());
     }
 }

@@ -102,6 +102,12 @@ impl Runtime {
         // strategy, which compiled code does not depend on.
         let component = anyhow(unsafe { Component::deserialize(&engine, &artifact) })
             .context("failed to load the compiled component into the pooling engine")?;
+        // Create the copy-on-write memory images (one memfd per module) now,
+        // not lazily at the first connection: then a first connection that
+        // arrives while file descriptors are exhausted cannot fail, and it
+        // does not pay for building the images either.
+        anyhow(component.initialize_copy_on_write_image())
+            .context("failed to prepare the component's memory images")?;
 
         let mut linker = Linker::<HostState>::new(&engine);
         anyhow(wasmtime_wasi::p2::add_to_linker_async(&mut linker))

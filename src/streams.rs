@@ -215,6 +215,29 @@ impl Socket {
         }
     }
 
+    /// Read and discard what the client still sends until it closes its
+    /// side or `max` passes. Closing a socket with unread input makes the
+    /// kernel send RST, which can destroy the response still in flight to
+    /// the client; draining first (nginx's "lingering close") lets a
+    /// finished handler's last bytes arrive.
+    pub async fn linger(&self, max: Duration) {
+        let drain = async {
+            let mut scratch = [0u8; 4096];
+            loop {
+                if self.tcp.readable().await.is_err() {
+                    return;
+                }
+                match self.tcp.try_read(&mut scratch) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(max, drain).await;
+    }
+
     /// Throw away output the guest has not had flushed, after a trap or a
     /// limit breach.
     pub fn discard_output(&self) {

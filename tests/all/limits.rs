@@ -322,8 +322,10 @@ async fn emfile_backs_off_and_recovers() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let used = cpu_time(server.pid()) - cpu_before;
     let mut warnings = 0;
+    let mut seen = Vec::new();
     while let Ok(line) = server.stderr.try_recv() {
         warnings += line.contains("accept failed") as usize;
+        seen.push(line);
     }
     println!(
         "emfile: {used:?} CPU and {warnings} warnings in {:?}",
@@ -344,7 +346,22 @@ async fn emfile_backs_off_and_recovers() {
         pending.len()
     );
     for w in done {
-        held.push(w.await.unwrap());
+        match w.await {
+            Ok(served) => held.push(served),
+            Err(e) => {
+                let mut lines: Vec<String> = seen
+                    .iter()
+                    .filter(|l| !l.contains("outcome=ok"))
+                    .cloned()
+                    .collect();
+                while let Ok(line) = server.stderr.try_recv() {
+                    if !line.contains("outcome=ok") {
+                        lines.push(line);
+                    }
+                }
+                panic!("a served client failed ({e}); server said: {lines:#?}");
+            }
+        }
     }
     drop(held);
     for w in pending {
