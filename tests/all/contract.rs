@@ -167,3 +167,24 @@ async fn compiled_code_cache() {
     uncached.stop().await;
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Ensure timeouts too large to represent as instants mean "never" rather
+/// than a panic in every connection task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_timeouts_are_no_deadline() {
+    let mut config = config("echo");
+    config.idle_timeout = std::time::Duration::from_secs(u64::MAX / 4);
+    config.max_lifetime = Some(std::time::Duration::from_secs(u64::MAX / 4));
+    let server = TestServer::start(config).await;
+    let mut stream = server.connect().await;
+    assert_eq!(
+        crate::util::ping(&mut stream, b"still here").await,
+        b"still here"
+    );
+    drop(stream);
+    server
+        .wait_for("the connection to close", |s| s.closed() == 1)
+        .await;
+    assert_eq!(server.stats.outcomes(wasm_sockserver::OutcomeKind::Ok), 1);
+    server.stop().await;
+}

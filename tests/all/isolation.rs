@@ -17,8 +17,12 @@ async fn trap_ends_only_its_connection() {
     tokio::io::AsyncWriteExt::write_all(&mut b, b"crash")
         .await
         .unwrap();
-    let (rest, _) = read_to_close(&mut b).await;
+    let (rest, reset) = read_to_close(&mut b).await;
     assert!(rest.is_empty(), "the crashing connection echoed {rest:?}");
+    assert!(
+        reset,
+        "a trapped connection must be reset, not closed like a finished one"
+    );
     server
         .wait_for("B's trap to be counted", |s| {
             s.outcomes(OutcomeKind::Trap) == 1
