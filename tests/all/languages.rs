@@ -6,10 +6,9 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use tokio::io::AsyncWriteExt;
 use wasm_sockserver::{Config, OutcomeKind};
 
-use crate::util::{TestServer, pattern, ping, read_to_close, root, roundtrip};
+use crate::util::{TestServer, pattern, ping, root, roundtrip};
 
 /// The path of `examples/build/NAME.wasm`, building every example (once per
 /// test run) with the same script a developer uses.
@@ -80,35 +79,7 @@ async fn echoes_exactly(name: &str) {
 /// A sends and receives around B's crash; C connects after it.
 async fn crash_is_isolated(name: &str, crash_outcome: OutcomeKind) {
     let server = TestServer::start(config(name)).await;
-    let mut a = server.connect().await;
-    assert_eq!(ping(&mut a, b"before").await, b"before");
-
-    let mut b = server.connect().await;
-    assert_eq!(ping(&mut b, b"hello").await, b"hello");
-    b.write_all(b"crash").await.unwrap();
-    let (rest, _) = read_to_close(&mut b).await;
-    assert!(
-        rest.is_empty(),
-        "{name}: the crashing connection echoed {rest:?}"
-    );
-    server
-        .wait_for("B's crash to be counted", |s| {
-            s.outcomes(crash_outcome) == 1
-        })
-        .await;
-
-    assert_eq!(ping(&mut a, b"during").await, b"during");
-    let mut c = server.connect().await;
-    assert_eq!(ping(&mut c, b"after").await, b"after");
-    assert_eq!(ping(&mut a, b"still here").await, b"still here");
-    drop((a, c));
-    server
-        .wait_for("all connections to close", |s| {
-            s.closed() == 3 && s.live_stores() == 0
-        })
-        .await;
-    assert_eq!(server.stats.outcomes(crash_outcome), 1, "{name}");
-    assert_eq!(server.stats.outcomes(OutcomeKind::Ok), 2, "{name}");
+    crate::util::crash_ends_only_its_connection(&server, name, crash_outcome, false).await;
     server.stop().await;
 }
 

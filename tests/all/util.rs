@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
-use wasm_sockserver::{Config, Server, Stats};
+use wasm_sockserver::{Config, OutcomeKind, Server, Stats};
 
 /// Generous bound for things that should take milliseconds: a failure here
 /// is a hang, not a slow machine.
@@ -388,4 +388,55 @@ pub fn field(line: &str, key: &str) -> f64 {
     value
         .parse()
         .unwrap_or_else(|_| panic!("{key}= is not a number in {line}"))
+}
+
+/// The isolation check shared by every crashing fixture: A echoes before,
+/// during and after B sends `crash`; B is closed
+/// with nothing echoed and counted as `crash_outcome`; a new C is served.
+///
+/// `expect_reset`: B must see a reset rather than a FIN. That holds when the
+/// guest still owns its output at the trap; a handler that drops `output` on
+/// the way out (Python's `with`, a JS `finally`) half-closes first, and the
+/// client then sees the FIN before the reset.
+pub async fn crash_ends_only_its_connection(
+    server: &TestServer,
+    name: &str,
+    crash_outcome: OutcomeKind,
+    expect_reset: bool,
+) {
+    let mut a = server.connect().await;
+    assert_eq!(ping(&mut a, b"before").await, b"before");
+
+    let mut b = server.connect().await;
+    assert_eq!(ping(&mut b, b"hello").await, b"hello");
+    b.write_all(b"crash").await.unwrap();
+    let (rest, reset) = read_to_close(&mut b).await;
+    assert!(
+        rest.is_empty(),
+        "{name}: the crashing connection echoed {rest:?}"
+    );
+    if expect_reset {
+        assert!(
+            reset,
+            "{name}: a trapped connection must be reset, not closed like a finished one"
+        );
+    }
+    server
+        .wait_for("B's crash to be counted", |s| {
+            s.outcomes(crash_outcome) == 1
+        })
+        .await;
+
+    assert_eq!(ping(&mut a, b"during").await, b"during");
+    let mut c = server.connect().await;
+    assert_eq!(ping(&mut c, b"after").await, b"after");
+    assert_eq!(ping(&mut a, b"still here").await, b"still here");
+    drop((a, c));
+    server
+        .wait_for("all connections to close", |s| {
+            s.closed() == 3 && s.live_stores() == 0
+        })
+        .await;
+    assert_eq!(server.stats.outcomes(crash_outcome), 1, "{name}");
+    assert_eq!(server.stats.outcomes(OutcomeKind::Ok), 2, "{name}");
 }
