@@ -66,10 +66,14 @@ async fn spin_is_interrupted_and_others_keep_running() {
         );
     }
     canary.check().await;
-    Canary::connect(server.addr).await;
+    // Every spinner's Store is dropped, leaving only the canary's.
     server
-        .wait_for("all spinners closed", |s| s.live_stores() == 2)
+        .wait_for("all spinners closed", |s| {
+            s.closed() == SPINNERS as u64 && s.live_stores() == 1
+        })
         .await;
+    Canary::connect(server.addr).await;
+    drop(canary);
     server.stop().await;
 }
 
@@ -103,6 +107,7 @@ async fn client_reset_mid_echo() {
     );
     canary.check().await;
     Canary::connect(server.addr).await;
+    drop(canary);
     server.stop().await;
 }
 
