@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use wasm_sockserver::{Limits, Outcome, Runtime, Stats, serve_stream};
+use wasm_sockserver::connection::{ConnectionInfo, LocalAddr};
+use wasm_sockserver::{Limits, Outcome, Runtime, Stats, run_handler, serve_stream};
+use wasmtime_wasi::p2::pipe::{ClosedInputStream, SinkOutputStream};
 
 const BENCH_ITERS: usize = 20_000;
 const SMOKE_ITERS: usize = 50;
@@ -50,8 +52,8 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let (samples, baseline, failures) = runtime.block_on(measure(&echo, iters));
-    report(samples, baseline, failures, bench);
+    let (samples, baseline, sandbox, failures) = runtime.block_on(measure(&echo, iters));
+    report(samples, baseline, sandbox, failures, bench);
     if failures > 0 {
         std::process::exit(1);
     }
@@ -59,8 +61,13 @@ fn main() {
 
 /// Time `iters` connections (after a short warm-up); returns the sorted
 /// durations, the sorted durations of the same socket teardown without
-/// wasm (the part a native server pays too), and how many did not end `ok`.
-async fn measure(echo: &std::path::Path, iters: usize) -> (Vec<Duration>, Vec<Duration>, u64) {
+/// wasm (the part a native server pays too), the sorted durations of the
+/// sandbox alone (the handler on in-memory streams: input already closed,
+/// output a sink), and how many did not end `ok`.
+async fn measure(
+    echo: &std::path::Path,
+    iters: usize,
+) -> (Vec<Duration>, Vec<Duration>, Vec<Duration>, u64) {
     let wasm = Runtime::load(echo, &Limits::default(), 64).expect("load the echo component");
     let stats = Stats::default();
     let cancel = CancellationToken::new();
@@ -70,16 +77,17 @@ async fn measure(echo: &std::path::Path, iters: usize) -> (Vec<Duration>, Vec<Du
     let warmup = (iters / 10).clamp(5, 500);
     let mut samples = Vec::with_capacity(iters);
     let mut baseline = Vec::with_capacity(iters);
+    let mut sandbox = Vec::with_capacity(iters);
     let mut failures = 0;
     for i in 0..warmup + iters {
         // A connection whose client has already sent FIN.
         let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
         let mut client = client.expect("connect");
-        let (server, _) = server.expect("accept");
+        let (server, peer) = server.expect("accept");
         client.shutdown().await.expect("half-close");
 
         let started = Instant::now();
-        let served = serve_stream(&wasm, &stats, server, i as u64, &cancel).await;
+        let served = serve_stream(&wasm, &stats, server, peer, i as u64, &cancel).await;
         let elapsed = started.elapsed();
         if served.outcome != Outcome::Ok {
             failures += 1;
@@ -101,39 +109,77 @@ async fn measure(echo: &std::path::Path, iters: usize) -> (Vec<Duration>, Vec<Du
         let teardown = started.elapsed();
         drop(client);
 
+        let info = ConnectionInfo {
+            id: i as u64,
+            peer: addr,
+            local: LocalAddr::Known(addr),
+        };
+        let started = Instant::now();
+        let outcome = run_handler(
+            &wasm,
+            &stats,
+            info,
+            Box::new(ClosedInputStream),
+            Box::new(SinkOutputStream),
+        )
+        .await;
+        let alone = started.elapsed();
+        if outcome != Outcome::Ok {
+            failures += 1;
+            if failures == 1 {
+                eprintln!("instantiate: in-memory run ended {outcome:?}");
+            }
+        }
+
         if i >= warmup {
             samples.push(elapsed);
             baseline.push(teardown);
+            sandbox.push(alone);
         }
     }
     samples.sort();
     baseline.sort();
-    (samples, baseline, failures)
+    sandbox.sort();
+    (samples, baseline, sandbox, failures)
 }
 
 fn median_us(sorted: &[Duration]) -> f64 {
     sorted[(sorted.len() - 1) / 2].as_secs_f64() * 1e6
 }
 
-fn report(samples: Vec<Duration>, baseline: Vec<Duration>, failures: u64, bench: bool) {
-    let at = |q: f64| {
-        let rank = ((q * samples.len() as f64).ceil() as usize).clamp(1, samples.len());
-        samples[rank - 1].as_secs_f64() * 1e6
+fn report(
+    samples: Vec<Duration>,
+    baseline: Vec<Duration>,
+    sandbox: Vec<Duration>,
+    failures: u64,
+    bench: bool,
+) {
+    let at = |sorted: &[Duration], q: f64| {
+        let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+        sorted[rank - 1].as_secs_f64() * 1e6
     };
-    let (min, median, p90, p99) = (at(0.0), at(0.5), at(0.9), at(0.99));
+    let (min, median, p90, p99) = (
+        at(&samples, 0.0),
+        at(&samples, 0.5),
+        at(&samples, 0.9),
+        at(&samples, 0.99),
+    );
     let teardown = median_us(&baseline);
     let wasm_part = median - teardown;
+    let (alone, alone_p90) = (at(&sandbox, 0.5), at(&sandbox, 0.9));
     println!(
         "instantiate + empty handle ({} iterations{}): median {median:.1} µs, p90 {p90:.1} µs, \
          p99 {p99:.1} µs, min {min:.1} µs, failures {failures}; socket teardown alone {teardown:.1} µs, \
-         so the wasm part is {wasm_part:.1} µs",
+         so the wasm part is {wasm_part:.1} µs; the sandbox alone on in-memory streams: median \
+         {alone:.1} µs, p90 {alone_p90:.1} µs",
         samples.len(),
         if bench { "" } else { ", smoke run" },
     );
     println!(
         "{{\"test\":\"instantiate\",\"server\":\"wasm\",\"iters\":{},\"median_us\":{median:.3},\
          \"p90_us\":{p90:.3},\"p99_us\":{p99:.3},\"min_us\":{min:.3},\"socket_teardown_us\":{teardown:.3},\
-         \"wasm_part_us\":{wasm_part:.3},\"errors\":{failures}}}",
+         \"wasm_part_us\":{wasm_part:.3},\"sandbox_median_us\":{alone:.3},\"sandbox_p90_us\":{alone_p90:.3},\
+         \"errors\":{failures}}}",
         samples.len()
     );
 }

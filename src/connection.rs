@@ -25,7 +25,26 @@ use crate::streams::{Socket, SocketInput, SocketOutput};
 pub struct ConnectionInfo {
     pub id: u64,
     pub peer: SocketAddr,
-    pub local: SocketAddr,
+    pub local: LocalAddr,
+}
+
+/// The connection's local address, as the guest's `local-address` sees it.
+pub enum LocalAddr {
+    Known(SocketAddr),
+    /// Asked of the socket only when the guest wants it: most handlers
+    /// never do, and it costs a `getsockname` per connection.
+    Socket(Arc<Socket>),
+}
+
+impl LocalAddr {
+    fn get(&self) -> SocketAddr {
+        match self {
+            LocalAddr::Known(addr) => *addr,
+            LocalAddr::Socket(socket) => socket
+                .local_addr()
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+        }
+    }
 }
 
 /// The data of one connection's Store.
@@ -60,7 +79,7 @@ impl crate::bindings::HostConnection for HostState {
     }
 
     fn local_address(&mut self, conn: Resource<ConnectionInfo>) -> wasmtime::Result<String> {
-        Ok(self.table.get(&conn)?.local.to_string())
+        Ok(self.table.get(&conn)?.local.get().to_string())
     }
 
     fn drop(&mut self, conn: Resource<ConnectionInfo>) -> wasmtime::Result<()> {
@@ -154,24 +173,45 @@ fn new_store(runtime: &Runtime, id: u64) -> Store<HostState> {
     store
 }
 
-/// Instantiate the handler and run `handle` to completion, classifying how
-/// it ended. Dropping this future (idle, lifetime, shutdown) drops the
-/// Store and with it the guest.
+/// Instantiate the handler and run `handle` on the connection's socket to
+/// completion, classifying how it ended. Dropping this future (idle,
+/// lifetime, shutdown) drops the Store and with it the guest.
 async fn call_handler(
     runtime: &Runtime,
     stats: &Stats,
     socket: &Arc<Socket>,
     info: ConnectionInfo,
 ) -> Outcome {
+    let input = Box::new(SocketInput::new(socket.clone()));
+    let output = Box::new(SocketOutput::new(socket.clone()));
+    let outcome = run_handler(runtime, stats, info, input, output).await;
+    match outcome {
+        // A handler that gave up because the client reset the connection
+        // did nothing wrong.
+        Outcome::Err(_) | Outcome::Trap(_) if socket.was_reset() => Outcome::ClientReset,
+        outcome => outcome,
+    }
+}
+
+/// Instantiate the handler in a fresh Store and run `handle` on any pair of
+/// `wasi:io` streams, with the runtime's memory, CPU and table limits (the
+/// idle and lifetime clocks belong to [`serve_stream`]). For embedders that
+/// carry connections over something other than a plain `TcpStream`, and for
+/// the micro benchmark, which measures the sandbox alone with in-memory
+/// streams.
+pub async fn run_handler(
+    runtime: &Runtime,
+    stats: &Stats,
+    info: ConnectionInfo,
+    input: DynInputStream,
+    output: DynOutputStream,
+) -> Outcome {
     // The gauge is created first so it is dropped after the Store.
     let _store_gauge = stats.store_created();
     let mut store = new_store(runtime, info.id);
     let table = &mut store.data_mut().table;
     let handles = (|| -> Result<_, ResourceTableError> {
-        let conn = table.push(info)?;
-        let input: DynInputStream = Box::new(SocketInput::new(socket.clone()));
-        let output: DynOutputStream = Box::new(SocketOutput::new(socket.clone()));
-        Ok((conn, table.push(input)?, table.push(output)?))
+        Ok((table.push(info)?, table.push(input)?, table.push(output)?))
     })();
     let Ok((conn, input, output)) = handles else {
         return Outcome::Failed("resource table full before the call".into());
@@ -183,7 +223,7 @@ async fn call_handler(
         .await
     {
         Ok(instance) => instance,
-        Err(e) => return classify(&store, socket, e, "failed to instantiate the handler"),
+        Err(e) => return classify(&store, e, "failed to instantiate the handler"),
     };
     let call = instance
         .sockserver_handler_handler()
@@ -191,20 +231,14 @@ async fn call_handler(
     let result = meter.measure(call).await;
     match result {
         Ok(Ok(())) => Outcome::Ok,
-        Ok(Err(_)) if socket.was_reset() => Outcome::ClientReset,
         Ok(Err(msg)) => Outcome::Err(crate::guest_log::sanitize(&msg, 256)),
-        Err(e) => classify(&store, socket, e, "trap"),
+        Err(e) => classify(&store, e, "trap"),
     }
 }
 
 /// Turn an error from instantiating or calling the guest into an outcome:
-/// which limit caused it, a client reset, or a trap with its message.
-fn classify(
-    store: &Store<HostState>,
-    socket: &Socket,
-    error: wasmtime::Error,
-    what: &str,
-) -> Outcome {
+/// which limit caused it, or a trap with its message.
+fn classify(store: &Store<HostState>, error: wasmtime::Error, what: &str) -> Outcome {
     let state = store.data();
     if state.cpu_exhausted {
         return Outcome::Limit(LimitKind::Cpu);
@@ -219,9 +253,6 @@ fn classify(
         .any(|cause| cause.to_string().contains("handle limit exceeded"));
     if handle_limit || error.downcast_ref::<ResourceTableError>().is_some() {
         return Outcome::Limit(LimitKind::Table);
-    }
-    if socket.was_reset() {
-        return Outcome::ClientReset;
     }
     tracing::debug!(error = ?error, "{what} details");
     let message = match error.downcast_ref::<Trap>() {
@@ -282,23 +313,27 @@ pub struct Served {
 /// client does becomes an [`Outcome`].
 ///
 /// The acceptor calls this for every connection; an embedder that accepts
-/// connections itself (and the benchmarks) can call it directly. `cancel`
-/// cuts the connection off (server shutdown after the drain deadline).
+/// connections itself (and the benchmarks) can call it directly. `peer` is
+/// the address `accept` returned (asking the socket again would cost a
+/// system call per connection). `cancel` cuts the connection off (server
+/// shutdown after the drain deadline).
 pub async fn serve_stream(
     runtime: &Runtime,
     stats: &Stats,
     tcp: TcpStream,
+    peer: SocketAddr,
     id: u64,
     cancel: &CancellationToken,
 ) -> Served {
     let started = Instant::now();
     let _open = stats.connection_opened();
-    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
-    let peer = tcp.peer_addr().unwrap_or(unknown);
-    let local = tcp.local_addr().unwrap_or(unknown);
     let socket = Socket::new(tcp);
     let limits = runtime.limits();
-    let info = ConnectionInfo { id, peer, local };
+    let info = ConnectionInfo {
+        id,
+        peer,
+        local: LocalAddr::Socket(socket.clone()),
+    };
 
     let mut outcome = tokio::select! {
         outcome = call_handler(runtime, stats, &socket, info) => outcome,
@@ -359,7 +394,7 @@ pub(crate) async fn serve(
         duration,
         bytes_in,
         bytes_out,
-    } = serve_stream(&runtime, &stats, tcp, id, &cancel).await;
+    } = serve_stream(&runtime, &stats, tcp, peer, id, &cancel).await;
     let duration_ms = duration.as_secs_f64() * 1000.0;
     match &outcome {
         Outcome::Ok | Outcome::ClientReset | Outcome::Cancelled => {

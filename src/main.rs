@@ -10,6 +10,20 @@ use clap::error::ErrorKind;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use wasm_sockserver::{Config, Server};
 
+/// Keep glibc from giving its heap top back to the kernel after every large
+/// free. Its default trim threshold (128 KiB) made each 64 KiB read buffer
+/// shrink the heap on free and page-fault it back on the next read: 0.6
+/// faults per 16 KiB round trip. Above 4 MiB of free space per arena the
+/// heap is still trimmed, so memory after a burst is still returned.
+fn tune_malloc() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: called before any other thread exists; mallopt only sets a
+    // tunable.
+    unsafe {
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
+    }
+}
+
 fn main() -> ExitCode {
     // Routine connection errors (a client reset) must not capture a host
     // backtrace even when RUST_BACKTRACE=1 is set: it halves the connection
@@ -18,6 +32,7 @@ fn main() -> ExitCode {
         // SAFETY: no other thread exists yet.
         unsafe { std::env::set_var("RUST_LIB_BACKTRACE", "0") };
     }
+    tune_malloc();
 
     let config = match Config::try_parse() {
         Ok(config) => config,

@@ -33,6 +33,9 @@ pub struct Socket {
     /// Set when the peer reset the connection (or a read/write failed), so
     /// the outcome is reported as a client reset rather than a handler error.
     reset: AtomicBool,
+    /// Set when a read saw the client's FIN: nothing more can arrive, so
+    /// the lingering close has nothing to drain.
+    read_eof: AtomicBool,
 }
 
 #[derive(Default)]
@@ -121,7 +124,12 @@ impl Socket {
             out: Mutex::default(),
             activity: Activity::new(),
             reset: AtomicBool::new(false),
+            read_eof: AtomicBool::new(false),
         })
+    }
+
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.tcp.local_addr()
     }
 
     pub fn activity(&self) -> &Activity {
@@ -221,6 +229,9 @@ impl Socket {
     /// the client; draining first (nginx's "lingering close") lets a
     /// finished handler's last bytes arrive.
     pub async fn linger(&self, max: Duration) {
+        if self.read_eof.load(Ordering::Relaxed) {
+            return;
+        }
         let drain = async {
             let mut scratch = [0u8; 4096];
             loop {
@@ -291,6 +302,7 @@ impl InputStream for SocketInput {
         match self.socket.tcp.try_read_buf(&mut buf) {
             Ok(0) => {
                 self.eof = true;
+                self.socket.read_eof.store(true, Ordering::Relaxed);
                 Err(StreamError::Closed)
             }
             Ok(n) => {

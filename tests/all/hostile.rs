@@ -179,7 +179,6 @@ async fn slowloris_and_trickle() {
             // echoes, which is later, so it cannot close before `sent + idle`.
             let sent = Instant::now();
             assert_eq!(ping(&mut stream, &[i]).await, [i]);
-            let last_byte = Instant::now();
             // The next byte would come after 800ms; the server must not wait.
             let closed =
                 tokio::time::timeout(Duration::from_millis(800), read_to_close(&mut stream)).await;

@@ -190,9 +190,15 @@ const INSTANTIATE: &[Metric] = &[
     ),
     m(
         "wasm_part_us",
-        "wasm part: Store, instantiate, call, drop (µs)",
+        "wasm part: the above minus the socket teardown (µs)",
         Lower,
     ),
+    m(
+        "sandbox_median_us",
+        "sandbox alone, median: Store, instantiate, empty `handle` on in-memory streams, drop (µs)",
+        Lower,
+    ),
+    m("sandbox_p90_us", "sandbox alone, p90 (µs)", Lower),
     m("p90_us", "p90 (µs)", Lower),
     m("min_us", "min (µs)", Lower),
     m("iters", "iterations", NoRatio),
