@@ -163,6 +163,9 @@ fn new_store(runtime: &Runtime, id: u64) -> Store<HostState> {
             state.cpu_exhausted = true;
             return Err(Trap::Interrupt.into());
         }
+        if state.cpu.running_for() < limits::YIELD_AFTER {
+            return Ok(UpdateDeadline::Continue(1));
+        }
         Ok(UpdateDeadline::YieldCustom(
             1,
             Box::pin(tokio::task::yield_now()),
