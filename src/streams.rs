@@ -233,7 +233,9 @@ impl Socket {
             return;
         }
         let drain = async {
-            let mut scratch = [0u8; 4096];
+            // On the heap: an array here would be part of every
+            // connection task's state for its whole life, idle or not.
+            let mut scratch = vec![0u8; 4096];
             loop {
                 if self.tcp.readable().await.is_err() {
                     return;
