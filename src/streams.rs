@@ -439,6 +439,34 @@ impl OutputStream for SocketOutput {
         })
     }
 
+    /// The request/response path (the SDK's `send()` for small replies) in
+    /// one pass: the default goes through `write_ready` twice, and each
+    /// `async` trait call allocates a future, even when the socket takes the
+    /// bytes at once, which is nearly always.
+    async fn blocking_write_and_flush(&mut self, bytes: Bytes) -> StreamResult<()> {
+        // wasmtime-wasi refuses more than 4096 bytes before calling us;
+        // anything above the buffer could never get a big enough permit.
+        if bytes.len() > BUFFER_LIMIT {
+            return Err(StreamError::trap("blocking-write-and-flush too large"));
+        }
+        while self.check_write()? < bytes.len() {
+            self.ready().await;
+        }
+        self.write(bytes)?;
+        match self.flush() {
+            Ok(()) | Err(StreamError::Closed) => {}
+            Err(e) => return Err(e),
+        }
+        // `check-write` reports 0 until the flush is complete.
+        loop {
+            match self.check_write() {
+                Ok(0) => self.ready().await,
+                Ok(_) | Err(StreamError::Closed) => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Like the default but without its cap on empty wake-ups: a client that
     /// reads slowly is not an error (the idle timeout deals with one that
     /// never reads).

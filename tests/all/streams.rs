@@ -162,3 +162,45 @@ fn write_beyond_permit_traps() {
         assert!(matches!(output.write(too_big), Err(StreamError::Trap(_))));
     });
 }
+
+/// Ensure `blocking-write-and-flush` waits while the client is not reading
+/// (kernel buffers and the host's buffer full) instead of failing or
+/// buffering without bound, returns only once its bytes are with the
+/// kernel, and delivers every byte in order once the client reads.
+#[test]
+fn blocking_write_and_flush_waits_for_a_slow_reader() {
+    runtime().block_on(async {
+        let (mut client, server) = pair().await;
+        let socket = Socket::new(server);
+        let mut output = SocketOutput::new(socket.clone());
+        let data = pattern(16 << 20, 7);
+        let expected = data.clone();
+        let writer = tokio::spawn(async move {
+            for chunk in data.chunks(4096) {
+                output
+                    .blocking_write_and_flush(Bytes::copy_from_slice(chunk))
+                    .await
+                    .unwrap();
+            }
+            // Every call returned after a complete flush, so nothing may be
+            // left in the host's buffer.
+            assert_eq!(output.check_write().unwrap(), BUFFER_LIMIT);
+        });
+        // Not reading: the writer must block once the buffers are full.
+        let stalled = tokio::time::timeout(std::time::Duration::from_millis(300), async {
+            while !writer.is_finished() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await;
+        assert!(
+            stalled.is_err(),
+            "16 MiB flushed to a client that never read"
+        );
+        let mut received = vec![0u8; expected.len()];
+        client.read_exact(&mut received).await.unwrap();
+        writer.await.unwrap();
+        assert!(received == expected, "bytes differ");
+        assert!(!socket.was_reset());
+    });
+}
