@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 use wasmtime_wasi::p2::{InputStream, OutputStream, Pollable, StreamError, StreamResult};
 
@@ -299,17 +300,24 @@ impl InputStream for SocketInput {
             return Ok(Bytes::new());
         }
         // The guest chooses `size` (a u64); never allocate more than the
-        // bound whatever it asks for.
-        let mut buf = BytesMut::with_capacity(size.min(BUFFER_LIMIT));
-        match self.socket.tcp.try_read_buf(&mut buf) {
-            Ok(0) => {
+        // bound whatever it asks for. The outer `try_io` returns at once,
+        // allocating nothing, while tokio knows the socket is not readable.
+        let tcp = &self.socket.tcp;
+        let read = tcp.try_io(Interest::READABLE, || {
+            let mut buf = BytesMut::with_capacity(size.min(BUFFER_LIMIT));
+            tcp.try_read_buf(&mut buf).map(|_| buf)
+        });
+        match read {
+            Ok(buf) if buf.is_empty() => {
                 self.eof = true;
                 self.socket.read_eof.store(true, Ordering::Relaxed);
                 Err(StreamError::Closed)
             }
-            Ok(n) => {
+            Ok(buf) => {
                 let activity = &self.socket.activity;
-                activity.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                activity
+                    .bytes_in
+                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
                 activity.touch();
                 Ok(buf.freeze())
             }
@@ -325,13 +333,18 @@ impl InputStream for SocketInput {
     /// Wait for data without the default's cap on empty wake-ups: readiness
     /// can be spurious, and a guest waiting for a quiet client must simply
     /// keep waiting (the idle timeout ends it, not a trap).
+    ///
+    /// Reads first and waits only if nothing was there: `try_read` costs no
+    /// system call while tokio knows the socket is not readable, and data
+    /// that is already waiting (pipelined requests, bulk transfers) then
+    /// needs no readiness future at all.
     async fn blocking_read(&mut self, size: usize) -> StreamResult<Bytes> {
         loop {
-            self.ready().await;
             let bytes = self.read(size)?;
             if !bytes.is_empty() || size == 0 {
                 return Ok(bytes);
             }
+            self.ready().await;
         }
     }
 }
