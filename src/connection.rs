@@ -190,18 +190,24 @@ async fn call_handler(
     let outcome = run_handler(runtime, stats, info, input, output).await;
     match outcome {
         // A handler that gave up because the client reset the connection
-        // did nothing wrong.
+        // did nothing wrong. (Only the handler's own streams set the reset
+        // flag, so a failure before `handle` never needs remapping.)
         Outcome::Err(_) | Outcome::Trap(_) if socket.was_reset() => Outcome::ClientReset,
         outcome => outcome,
     }
 }
 
 /// Instantiate the handler in a fresh Store and run `handle` on any pair of
-/// `wasi:io` streams, with the runtime's memory, CPU and table limits (the
-/// idle and lifetime clocks belong to [`serve_stream`]). For embedders that
-/// carry connections over something other than a plain `TcpStream`, and for
-/// the micro benchmark, which measures the sandbox alone with in-memory
-/// streams.
+/// `wasi:io` streams, with the runtime's memory, CPU and table limits. For
+/// embedders that carry connections over something other than a plain
+/// `TcpStream`, and for the micro benchmark, which measures the sandbox
+/// alone with in-memory streams.
+///
+/// Unlike [`serve_stream`] it runs no idle or lifetime clock (drop the
+/// future to cut the guest off), records no outcome in `stats` (it only
+/// keeps the live-Store gauge), and cannot tell a client reset from a
+/// handler error: that needs the socket, so only `serve_stream` reports
+/// [`Outcome::ClientReset`].
 pub async fn run_handler(
     runtime: &Runtime,
     stats: &Stats,
@@ -219,23 +225,26 @@ pub async fn run_handler(
     let Ok((conn, input, output)) = handles else {
         return Outcome::Failed("resource table full before the call".into());
     };
-    // Start functions and `handle` both run guest code: charge both.
+    // Start functions and `handle` both run guest code: charge both, in one
+    // measured future, so that the yield decision's "running without
+    // waiting" clock does not restart between them.
     let meter = store.data().cpu.clone();
-    let instance = match meter
-        .measure(runtime.pre.instantiate_async(&mut store))
-        .await
-    {
-        Ok(instance) => instance,
-        Err(e) => return classify(&store, e, "failed to instantiate the handler"),
+    let run = async {
+        let instance = runtime
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| (e, "failed to instantiate the handler"))?;
+        instance
+            .sockserver_handler_handler()
+            .call_handle(&mut store, conn, input, output)
+            .await
+            .map_err(|e| (e, "trap"))
     };
-    let call = instance
-        .sockserver_handler_handler()
-        .call_handle(&mut store, conn, input, output);
-    let result = meter.measure(call).await;
-    match result {
+    match meter.measure(run).await {
         Ok(Ok(())) => Outcome::Ok,
         Ok(Err(msg)) => Outcome::Err(crate::guest_log::sanitize(&msg, 256)),
-        Err(e) => classify(&store, e, "trap"),
+        Err((e, what)) => classify(&store, e, what),
     }
 }
 

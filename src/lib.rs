@@ -43,7 +43,7 @@ pub mod stats;
 pub mod streams;
 
 pub use config::Config;
-pub use connection::{Outcome, Served, run_handler, serve_stream};
+pub use connection::{ConnectionInfo, LocalAddr, Outcome, Served, run_handler, serve_stream};
 pub use limits::{LimitKind, Limits};
 pub use runtime::Runtime;
 pub use server::{Server, bind, run};

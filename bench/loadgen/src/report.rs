@@ -250,7 +250,10 @@ fn section(test: &str) -> Section {
             "Micro: instantiate + empty handle".into(),
             "`cargo bench --bench instantiate`: `serve_stream` on a loopback socket whose \
              client already half-closed, so echo's `handle` returns at once: a Store, \
-             instantiation from the pool, the call, and teardown. No native counterpart."
+             instantiation from the pool, the call, and teardown. The same socket teardown \
+             without wasm is timed too and subtracted; and `run_handler` on in-memory \
+             streams (input already closed, output a sink) times the sandbox alone. No \
+             native counterpart."
                 .into(),
             INSTANTIATE,
         ),
