@@ -283,9 +283,30 @@ impl SocketInput {
 
 #[wasmtime_wasi::async_trait]
 impl Pollable for SocketInput {
+    /// Ready when input arrived (or the client closed). While it waits, the
+    /// guest's unsent output keeps going to the socket as the client makes
+    /// room, as a kernel send buffer would: a handler that wrote without
+    /// flushing and now waits for the client's next request must not leave
+    /// its last response stuck in our buffer.
     async fn ready(&mut self) {
-        if !self.eof {
-            let _ = self.socket.tcp.readable().await;
+        if self.eof {
+            return;
+        }
+        let socket = &self.socket;
+        loop {
+            let unsent = {
+                let mut out = socket.outbound();
+                socket.push(&mut out);
+                out.pending() > 0 && out.failed.is_none()
+            };
+            if !unsent {
+                let _ = socket.tcp.readable().await;
+                return;
+            }
+            tokio::select! {
+                _ = socket.tcp.readable() => return,
+                _ = socket.tcp.writable() => {}
+            }
         }
     }
 }

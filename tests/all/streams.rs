@@ -204,3 +204,46 @@ fn blocking_write_and_flush_waits_for_a_slow_reader() {
         assert!(!socket.was_reset());
     });
 }
+
+/// Ensure output the guest wrote without flushing still reaches a client
+/// that reads slowly while the guest waits for the client's next request:
+/// the host keeps handing its buffer to the socket during the wait, so the
+/// response cannot get stuck behind a guest that forgot to flush.
+#[test]
+fn unflushed_output_drains_while_waiting_for_input() {
+    runtime().block_on(async {
+        let (mut client, server) = pair().await;
+        let socket = Socket::new(server);
+        let mut output = SocketOutput::new(socket.clone());
+        let mut input = SocketInput::new(socket.clone());
+        // Write until the kernel buffers are full and the host holds a full
+        // buffer of its own, never flushing.
+        let data = pattern(64 << 20, 9);
+        let mut written = 0;
+        loop {
+            let permit = output.check_write().unwrap();
+            if permit == 0 {
+                break;
+            }
+            let n = permit.min(data.len() - written);
+            assert!(n > 0, "64 MiB fitted in the buffers");
+            output
+                .write(Bytes::copy_from_slice(&data[written..written + n]))
+                .unwrap();
+            written += n;
+        }
+        // The guest now waits for the next request.
+        let waiter = tokio::spawn(async move { input.blocking_read(100).await.unwrap() });
+        let mut received = vec![0u8; written];
+        tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            client.read_exact(&mut received),
+        )
+        .await
+        .expect("the unflushed output did not arrive")
+        .unwrap();
+        assert!(received[..] == data[..written], "bytes differ");
+        client.write_all(b"next").await.unwrap();
+        assert_eq!(&waiter.await.unwrap()[..], b"next");
+    });
+}
