@@ -234,14 +234,7 @@ impl CpuMeter {
 
     /// CPU time used so far, including the poll in progress.
     pub fn used(&self) -> Duration {
-        let clock = &self.clock;
-        let since = clock.polling_since.load(Ordering::Relaxed);
-        let running = if since == 0 {
-            0
-        } else {
-            clock.now().saturating_sub(since)
-        };
-        Duration::from_nanos(clock.used.load(Ordering::Relaxed).saturating_add(running))
+        Duration::from_nanos(self.clock.used.load(Ordering::Relaxed)) + self.running_for()
     }
 
     /// How long the poll in progress has been running (zero outside one):
@@ -279,21 +272,30 @@ impl CpuMeter {
 mod tests {
     use super::*;
 
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
+    /// Busy work for `time`, inside whatever poll is running.
+    fn spin(time: Duration) {
+        let start = Instant::now();
+        while start.elapsed() < time {
+            std::hint::spin_loop();
+        }
+    }
+
     #[test]
     fn charges_polls_not_waits() {
         let meter = CpuMeter::new(Duration::from_millis(50));
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+        let runtime = runtime();
         runtime.block_on(meter.measure(async {
             // Waiting is free...
             tokio::time::sleep(Duration::from_millis(100)).await;
             // ...busy work inside a poll is charged.
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_millis(30) {
-                std::hint::spin_loop();
-            }
+            spin(Duration::from_millis(30));
         }));
         let used = meter.used();
         assert!(
@@ -309,16 +311,10 @@ mod tests {
     #[test]
     fn running_for_restarts_at_each_wait() {
         let meter = CpuMeter::new(Duration::from_secs(10));
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
+        let runtime = runtime();
         let inside = meter.clone();
         let (busy, after_wait) = runtime.block_on(meter.measure(async move {
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_millis(5) {
-                std::hint::spin_loop();
-            }
+            spin(Duration::from_millis(5));
             let busy = inside.running_for();
             tokio::time::sleep(Duration::from_millis(20)).await;
             (busy, inside.running_for())
