@@ -76,3 +76,28 @@ async fn half_close() {
     assert_eq!(server.stats.outcomes(wasm_sockserver::OutcomeKind::Ok), 1);
     server.stop().await;
 }
+
+/// Ensure the state every connection's task keeps for its whole life stays
+/// small: idle connections are held by the ten thousand, and a buffer
+/// inside the future (a 4 KiB drain array once made it 4.9 KB) would cost
+/// that much per connection even while it sleeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_future_is_small() {
+    let runtime = wasm_sockserver::Runtime::load(
+        &crate::util::guest("echo"),
+        &wasm_sockserver::Limits::default(),
+        4,
+    )
+    .unwrap();
+    let stats = wasm_sockserver::Stats::default();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (_client, accepted) = tokio::join!(
+        tokio::net::TcpStream::connect(listener.local_addr().unwrap()),
+        listener.accept()
+    );
+    let (tcp, peer) = accepted.unwrap();
+    let future = wasm_sockserver::serve_stream(&runtime, &stats, tcp, peer, 1, &cancel);
+    let size = std::mem::size_of_val(&future);
+    assert!(size <= 2048, "serve_stream's future is {size} bytes");
+}
