@@ -323,11 +323,30 @@ impl InputStream for SocketInput {
         // The guest chooses `size` (a u64); never allocate more than the
         // bound whatever it asks for. The outer `try_io` returns at once,
         // allocating nothing, while tokio knows the socket is not readable.
+        //
+        // A short read drained the socket, so it also clears tokio's
+        // readiness (as tokio's own `AsyncRead` does): the guest's next read
+        // then waits for epoll instead of paying a `recvfrom` that can only
+        // say EAGAIN. The closure reports it as `WouldBlock` so that tokio
+        // clears the readiness it saw *before* the read; an event that
+        // arrives meanwhile has a newer tick and survives, and the closed
+        // state is never cleared, so no wake-up is lost.
         let tcp = &self.socket.tcp;
+        let want = size.min(BUFFER_LIMIT);
+        let mut drained = None;
         let read = tcp.try_io(Interest::READABLE, || {
-            let mut buf = BytesMut::with_capacity(size.min(BUFFER_LIMIT));
-            tcp.try_read_buf(&mut buf).map(|_| buf)
+            let mut buf = BytesMut::with_capacity(want);
+            let n = tcp.try_read_buf(&mut buf)?;
+            if n > 0 && n < want {
+                drained = Some(buf);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(buf)
         });
+        let read = match (read, drained) {
+            (_, Some(buf)) => Ok(buf),
+            (read, None) => read,
+        };
         match read {
             Ok(buf) if buf.is_empty() => {
                 self.eof = true;
