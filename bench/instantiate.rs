@@ -5,14 +5,16 @@
 //! call, flush, close and teardown. Socket setup is not timed. Each
 //! iteration also times the same socket teardown without wasm (what a
 //! native server pays too) and `run_handler` on in-memory streams (input
-//! already closed, output a sink): the sandbox alone.
+//! already closed, output a sink): the sandbox alone. Then the sandbox alone
+//! runs back to back, as criterion would time it, with warm caches.
 //!
-//! `cargo bench --bench instantiate [-- --iters N]` (cargo passes `--bench`)
-//! measures 20 000 iterations and prints the median and p90, then one JSON
-//! line for bench/run.sh. Without `--bench` (as under
+//! `cargo bench --bench instantiate [-- --iters N --module PATH]` (cargo
+//! passes `--bench`) measures 20 000 iterations and prints the median and
+//! p90, then one JSON line for bench/run.sh. Without `--bench` (as under
 //! `cargo test --all-targets`) it is a 50-iteration smoke run, which also
 //! passes when the echo component has not been built.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -38,8 +40,15 @@ fn main() {
         .unwrap_or(if bench { BENCH_ITERS } else { SMOKE_ITERS })
         .max(1);
 
-    let echo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("guest/target/wasm32-wasip2/release/echo.wasm");
+    let echo = args
+        .iter()
+        .position(|a| a == "--module")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("guest/target/wasm32-wasip2/release/echo.wasm")
+        });
     if !echo.exists() {
         eprintln!(
             "instantiate: {} not found: build it with `bash scripts/build-guests.sh`",
@@ -56,8 +65,9 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let (samples, baseline, sandbox, failures) = runtime.block_on(measure(&echo, iters));
-    report(samples, baseline, sandbox, failures, bench);
+    let (samples, baseline, sandbox, back_to_back, failures) =
+        runtime.block_on(measure(&echo, iters));
+    report(samples, baseline, sandbox, back_to_back, failures, bench);
     if failures > 0 {
         std::process::exit(1);
     }
@@ -67,11 +77,19 @@ fn main() {
 /// durations, the sorted durations of the same socket teardown without
 /// wasm (the part a native server pays too), the sorted durations of the
 /// sandbox alone (the handler on in-memory streams: input already closed,
-/// output a sink), and how many did not end `ok`.
+/// output a sink) between those sockets, the same sandbox runs back to back
+/// (how criterion would time it: warm caches), and how many did not end
+/// `ok`.
 async fn measure(
     echo: &std::path::Path,
     iters: usize,
-) -> (Vec<Duration>, Vec<Duration>, Vec<Duration>, u64) {
+) -> (
+    Vec<Duration>,
+    Vec<Duration>,
+    Vec<Duration>,
+    Vec<Duration>,
+    u64,
+) {
     let wasm = Runtime::load(echo, &Limits::default(), 64).expect("load the echo component");
     let stats = Stats::default();
     let cancel = CancellationToken::new();
@@ -113,28 +131,7 @@ async fn measure(
         let teardown = started.elapsed();
         drop(client);
 
-        // Any address will do: echo never asks.
-        let info = ConnectionInfo {
-            id: i as u64,
-            peer: addr,
-            local: LocalAddr::Known(addr),
-        };
-        let started = Instant::now();
-        let outcome = run_handler(
-            &wasm,
-            &stats,
-            info,
-            Box::new(ClosedInputStream),
-            Box::new(SinkOutputStream),
-        )
-        .await;
-        let alone = started.elapsed();
-        if outcome != Outcome::Ok {
-            failures += 1;
-            if failures == 1 {
-                eprintln!("instantiate: in-memory run ended {outcome:?}");
-            }
-        }
+        let alone = sandbox_alone(&wasm, &stats, i as u64, addr, &mut failures).await;
 
         if i >= warmup {
             samples.push(elapsed);
@@ -142,10 +139,53 @@ async fn measure(
             sandbox.push(alone);
         }
     }
+    let mut back_to_back = Vec::with_capacity(iters);
+    for i in 0..warmup + iters {
+        let alone = sandbox_alone(&wasm, &stats, i as u64, addr, &mut failures).await;
+        if i >= warmup {
+            back_to_back.push(alone);
+        }
+    }
     samples.sort();
     baseline.sort();
     sandbox.sort();
-    (samples, baseline, sandbox, failures)
+    back_to_back.sort();
+    (samples, baseline, sandbox, back_to_back, failures)
+}
+
+/// One run of the handler on in-memory streams (input already closed,
+/// output a sink): Store, instantiation, the empty `handle`, teardown.
+/// Returns its duration; counts (and reports the first) run not ending `ok`.
+async fn sandbox_alone(
+    wasm: &Runtime,
+    stats: &Stats,
+    id: u64,
+    addr: SocketAddr,
+    failures: &mut u64,
+) -> Duration {
+    // Any address will do: echo never asks.
+    let info = ConnectionInfo {
+        id,
+        peer: addr,
+        local: LocalAddr::Known(addr),
+    };
+    let started = Instant::now();
+    let outcome = run_handler(
+        wasm,
+        stats,
+        info,
+        Box::new(ClosedInputStream),
+        Box::new(SinkOutputStream),
+    )
+    .await;
+    let alone = started.elapsed();
+    if outcome != Outcome::Ok {
+        *failures += 1;
+        if *failures == 1 {
+            eprintln!("instantiate: in-memory run ended {outcome:?}");
+        }
+    }
+    alone
 }
 
 fn median_us(sorted: &[Duration]) -> f64 {
@@ -156,6 +196,7 @@ fn report(
     samples: Vec<Duration>,
     baseline: Vec<Duration>,
     sandbox: Vec<Duration>,
+    back_to_back: Vec<Duration>,
     failures: u64,
     bench: bool,
 ) {
@@ -172,11 +213,13 @@ fn report(
     let teardown = median_us(&baseline);
     let wasm_part = median - teardown;
     let (alone, alone_p90) = (at(&sandbox, 0.5), at(&sandbox, 0.9));
+    let (looped, looped_p90) = (at(&back_to_back, 0.5), at(&back_to_back, 0.9));
     println!(
         "instantiate + empty handle ({} iterations{}): median {median:.1} µs, p90 {p90:.1} µs, \
          p99 {p99:.1} µs, min {min:.1} µs, failures {failures}; socket teardown alone {teardown:.1} µs, \
          so the wasm part is {wasm_part:.1} µs; the sandbox alone on in-memory streams: median \
-         {alone:.1} µs, p90 {alone_p90:.1} µs",
+         {alone:.1} µs, p90 {alone_p90:.1} µs; back to back: median {looped:.1} µs, p90 \
+         {looped_p90:.1} µs",
         samples.len(),
         if bench { "" } else { ", smoke run" },
     );
@@ -184,6 +227,7 @@ fn report(
         "{{\"test\":\"instantiate\",\"server\":\"wasm\",\"iters\":{},\"median_us\":{median:.3},\
          \"p90_us\":{p90:.3},\"p99_us\":{p99:.3},\"min_us\":{min:.3},\"socket_teardown_us\":{teardown:.3},\
          \"wasm_part_us\":{wasm_part:.3},\"sandbox_median_us\":{alone:.3},\"sandbox_p90_us\":{alone_p90:.3},\
+         \"sandbox_loop_median_us\":{looped:.3},\"sandbox_loop_p90_us\":{looped_p90:.3},\
          \"errors\":{failures}}}",
         samples.len()
     );

@@ -9,8 +9,9 @@
 #                                harness works → bench/results/smoke.md
 #   --out FILE                   write the report elsewhere
 #   --skip-build                 reuse the binaries already built
-#   --module PATH                the handler wasm-sockserver runs (default:
-#                                the echo component; it must echo)
+#   --module PATH                the handler wasm-sockserver and the micro
+#                                benchmark run (default: the echo component;
+#                                it must echo)
 #   --idle "N ..."               idle test sizes (default: 10000 50000 100000
 #                                in full, 10000 in quick, 200 in smoke)
 #
@@ -41,7 +42,7 @@ while [ $# -gt 0 ]; do
     --module=*) module_override="${1#--module=}" ;;
     --idle) idle_override="$2"; shift ;;
     --idle=*) idle_override="${1#--idle=}" ;;
-    -h|--help) sed -n '2,20p' "$root/bench/run.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$root/bench/run.sh" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "run.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -280,9 +281,9 @@ fi
 if [ "$mode" = smoke ]; then
   note --test instantiate --server wasm --skipped "smoke run: \`cargo test --all-targets\` runs the micro benchmark in smoke mode"
 else
-say "instantiate: cargo bench --bench instantiate -- --iters $micro_iters"
+say "instantiate: cargo bench --bench instantiate -- --iters $micro_iters --module ${echo_wasm#"$root/"}"
 if "${srv_pin[@]}" cargo bench --quiet --bench instantiate -- --iters "$micro_iters" \
-      >"$logs/instantiate.stdout" 2>"$logs/instantiate.log"; then
+      --module "$echo_wasm" >"$logs/instantiate.stdout" 2>"$logs/instantiate.log"; then
   grep '^{' "$logs/instantiate.stdout" >>"$results" \
     || note --test instantiate --server wasm --failed "no JSON line from the benchmark"
 else
@@ -299,7 +300,7 @@ rc=0
 "$loadgen" report --results "$results" --out "$out" --mode "$mode" \
   --started "$started_at" --loadavg "$loadavg_start" --nproc "$ncpu" \
   --pinning "$pinning" --durations "$durations" \
-  --servers "\`bench/target/release/native-echo\`; \`target/$server_profile/wasm-sockserver --module ${echo_wasm#"$root/"}\` with default limits and \`RUST_LOG=warn\` (the default \`info\` logs one line per connection); the micro benchmark always uses the echo component" \
+  --servers "\`bench/target/release/native-echo\`; \`target/$server_profile/wasm-sockserver --module ${echo_wasm#"$root/"}\` with default limits and \`RUST_LOG=warn\` (the default \`info\` logs one line per connection); the micro benchmark runs the same component" \
   --elapsed "$((t_end - t_battery)) s for the tests (builds excluded)" || rc=$?
 # The hand-written analysis (goals, per-language figures, tuning
 # experiments) follows the generated tables in the full report.

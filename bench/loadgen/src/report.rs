@@ -199,6 +199,16 @@ const INSTANTIATE: &[Metric] = &[
         Lower,
     ),
     m("sandbox_p90_us", "sandbox alone, p90 (µs)", Lower),
+    m(
+        "sandbox_loop_median_us",
+        "sandbox alone back to back (warm caches, as criterion times it), median (µs)",
+        Lower,
+    ),
+    m(
+        "sandbox_loop_p90_us",
+        "sandbox alone back to back, p90 (µs)",
+        Lower,
+    ),
     m("p90_us", "p90 (µs)", Lower),
     m("min_us", "min (µs)", Lower),
     m("iters", "iterations", NoRatio),
@@ -252,8 +262,9 @@ fn section(test: &str) -> Section {
              client already half-closed, so echo's `handle` returns at once: a Store, \
              instantiation from the pool, the call, and teardown. The same socket teardown \
              without wasm is timed too and subtracted; and `run_handler` on in-memory \
-             streams (input already closed, output a sink) times the sandbox alone. No \
-             native counterpart."
+             streams (input already closed, output a sink) times the sandbox alone, once \
+             between those sockets (cold caches) and once back to back. No native \
+             counterpart."
                 .into(),
             INSTANTIATE,
         ),
