@@ -32,23 +32,17 @@ const SMOKE_ITERS: usize = 50;
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let bench = args.iter().any(|a| a == "--bench");
-    let iters = args
-        .iter()
-        .position(|a| a == "--iters")
-        .and_then(|i| args.get(i + 1))
+    let iters = flag(&args, "--iters")
         .and_then(|n| n.parse().ok())
         .unwrap_or(if bench { BENCH_ITERS } else { SMOKE_ITERS })
         .max(1);
-
-    let echo = args
-        .iter()
-        .position(|a| a == "--module")
-        .and_then(|i| args.get(i + 1))
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
+    let echo = flag(&args, "--module").map_or_else(
+        || {
             PathBuf::from(env!("CARGO_MANIFEST_DIR"))
                 .join("guest/target/wasm32-wasip2/release/echo.wasm")
-        });
+        },
+        PathBuf::from,
+    );
     if !echo.exists() {
         eprintln!(
             "instantiate: {} not found: build it with `bash scripts/build-guests.sh`",
@@ -65,31 +59,55 @@ fn main() {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let (samples, baseline, sandbox, back_to_back, failures) =
-        runtime.block_on(measure(&echo, iters));
-    report(samples, baseline, sandbox, back_to_back, failures, bench);
-    if failures > 0 {
+    let measured = runtime.block_on(measure(&echo, iters));
+    report(&measured, bench);
+    if measured.failures.count > 0 {
         std::process::exit(1);
     }
 }
 
-/// Time `iters` connections (after a short warm-up); returns the sorted
-/// durations, the sorted durations of the same socket teardown without
-/// wasm (the part a native server pays too), the sorted durations of the
-/// sandbox alone (the handler on in-memory streams: input already closed,
-/// output a sink) between those sockets, the same sandbox runs back to back
-/// (how criterion would time it: warm caches), and how many did not end
-/// `ok`.
-async fn measure(
-    echo: &std::path::Path,
-    iters: usize,
-) -> (
-    Vec<Duration>,
-    Vec<Duration>,
-    Vec<Duration>,
-    Vec<Duration>,
-    u64,
-) {
+/// The value after `name` on the command line.
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a String> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+}
+
+/// Sorted durations of each measurement.
+struct Measured {
+    /// `serve_stream` on a half-closed socket.
+    samples: Vec<Duration>,
+    /// The same socket teardown without wasm (the part a native server pays
+    /// too).
+    baseline: Vec<Duration>,
+    /// The sandbox alone (the handler on in-memory streams: input already
+    /// closed, output a sink) between those sockets.
+    sandbox: Vec<Duration>,
+    /// The sandbox alone back to back (how criterion would time it: warm
+    /// caches).
+    back_to_back: Vec<Duration>,
+    failures: Failures,
+}
+
+/// Runs that did not end `ok`; the first is reported.
+#[derive(Default)]
+struct Failures {
+    count: u64,
+}
+
+impl Failures {
+    fn check(&mut self, what: &str, outcome: &Outcome) {
+        if *outcome != Outcome::Ok {
+            self.count += 1;
+            if self.count == 1 {
+                eprintln!("instantiate: {what} ended {outcome:?}");
+            }
+        }
+    }
+}
+
+/// Time `iters` connections, and the sandbox alone, after a short warm-up.
+async fn measure(echo: &std::path::Path, iters: usize) -> Measured {
     let wasm = Runtime::load(echo, &Limits::default(), 64).expect("load the echo component");
     let stats = Stats::default();
     let cancel = CancellationToken::new();
@@ -100,7 +118,7 @@ async fn measure(
     let mut samples = Vec::with_capacity(iters);
     let mut baseline = Vec::with_capacity(iters);
     let mut sandbox = Vec::with_capacity(iters);
-    let mut failures = 0;
+    let mut failures = Failures::default();
     for i in 0..warmup + iters {
         // A connection whose client has already sent FIN.
         let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
@@ -111,12 +129,7 @@ async fn measure(
         let started = Instant::now();
         let served = serve_stream(&wasm, &stats, server, peer, i as u64, &cancel).await;
         let elapsed = started.elapsed();
-        if served.outcome != Outcome::Ok {
-            failures += 1;
-            if failures == 1 {
-                eprintln!("instantiate: connection ended {:?}", served.outcome);
-            }
-        }
+        failures.check("connection", &served.outcome);
         drop(client);
 
         // The same connection life with no wasm: half-close and close, as a
@@ -146,22 +159,27 @@ async fn measure(
             back_to_back.push(alone);
         }
     }
-    samples.sort();
-    baseline.sort();
-    sandbox.sort();
-    back_to_back.sort();
-    (samples, baseline, sandbox, back_to_back, failures)
+    for sorted in [&mut samples, &mut baseline, &mut sandbox, &mut back_to_back] {
+        sorted.sort();
+    }
+    Measured {
+        samples,
+        baseline,
+        sandbox,
+        back_to_back,
+        failures,
+    }
 }
 
 /// One run of the handler on in-memory streams (input already closed,
 /// output a sink): Store, instantiation, the empty `handle`, teardown.
-/// Returns its duration; counts (and reports the first) run not ending `ok`.
+/// Returns its duration.
 async fn sandbox_alone(
     wasm: &Runtime,
     stats: &Stats,
     id: u64,
     addr: SocketAddr,
-    failures: &mut u64,
+    failures: &mut Failures,
 ) -> Duration {
     // Any address will do: echo never asks.
     let info = ConnectionInfo {
@@ -179,41 +197,35 @@ async fn sandbox_alone(
     )
     .await;
     let alone = started.elapsed();
-    if outcome != Outcome::Ok {
-        *failures += 1;
-        if *failures == 1 {
-            eprintln!("instantiate: in-memory run ended {outcome:?}");
-        }
-    }
+    failures.check("in-memory run", &outcome);
     alone
 }
 
-fn median_us(sorted: &[Duration]) -> f64 {
-    sorted[(sorted.len() - 1) / 2].as_secs_f64() * 1e6
+/// The duration at quantile `q` of `sorted`, in µs.
+fn at(sorted: &[Duration], q: f64) -> f64 {
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1].as_secs_f64() * 1e6
 }
 
-fn report(
-    samples: Vec<Duration>,
-    baseline: Vec<Duration>,
-    sandbox: Vec<Duration>,
-    back_to_back: Vec<Duration>,
-    failures: u64,
-    bench: bool,
-) {
-    let at = |sorted: &[Duration], q: f64| {
-        let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
-        sorted[rank - 1].as_secs_f64() * 1e6
-    };
+fn report(measured: &Measured, bench: bool) {
+    let Measured {
+        samples,
+        baseline,
+        sandbox,
+        back_to_back,
+        failures,
+    } = measured;
+    let failures = failures.count;
     let (min, median, p90, p99) = (
-        at(&samples, 0.0),
-        at(&samples, 0.5),
-        at(&samples, 0.9),
-        at(&samples, 0.99),
+        at(samples, 0.0),
+        at(samples, 0.5),
+        at(samples, 0.9),
+        at(samples, 0.99),
     );
-    let teardown = median_us(&baseline);
+    let teardown = at(baseline, 0.5);
     let wasm_part = median - teardown;
-    let (alone, alone_p90) = (at(&sandbox, 0.5), at(&sandbox, 0.9));
-    let (looped, looped_p90) = (at(&back_to_back, 0.5), at(&back_to_back, 0.9));
+    let (alone, alone_p90) = (at(sandbox, 0.5), at(sandbox, 0.9));
+    let (looped, looped_p90) = (at(back_to_back, 0.5), at(back_to_back, 0.9));
     println!(
         "instantiate + empty handle ({} iterations{}): median {median:.1} µs, p90 {p90:.1} µs, \
          p99 {p99:.1} µs, min {min:.1} µs, failures {failures}; socket teardown alone {teardown:.1} µs, \

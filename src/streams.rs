@@ -343,10 +343,7 @@ impl InputStream for SocketInput {
             }
             Ok(buf)
         });
-        let read = match (read, drained) {
-            (_, Some(buf)) => Ok(buf),
-            (read, None) => read,
-        };
+        let read = drained.map_or(read, Ok);
         match read {
             Ok(buf) if buf.is_empty() => {
                 self.eof = true;
