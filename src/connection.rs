@@ -15,6 +15,7 @@ use wasmtime_wasi::p2::{DynInputStream, DynOutputStream};
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::guest_log::GuestLog;
+use crate::hostcalls::SocketStreams;
 use crate::limits::{self, CpuMeter, LimitKind, Limiter};
 use crate::runtime::Runtime;
 use crate::stats::{OutcomeKind, Stats};
@@ -50,7 +51,11 @@ impl LocalAddr {
 /// The data of one connection's Store.
 pub struct HostState {
     wasi: WasiCtx,
-    table: ResourceTable,
+    pub(crate) table: ResourceTable,
+    /// The connection's socket and which table slots hold its streams, for
+    /// the direct stream calls ([`crate::hostcalls`]); `None` when the
+    /// handler runs on other streams.
+    pub(crate) socket: Option<SocketStreams>,
     limiter: Limiter,
     cpu: CpuMeter,
     /// Set when the CPU budget ran out, so the resulting interrupt is
@@ -149,6 +154,7 @@ fn new_store(runtime: &Runtime, id: u64) -> Store<HostState> {
     let state = HostState {
         wasi,
         table,
+        socket: None,
         limiter: Limiter::new(limits),
         cpu: CpuMeter::new(limits.max_cpu),
         cpu_exhausted: false,
@@ -187,7 +193,7 @@ async fn call_handler(
 ) -> Outcome {
     let input = Box::new(SocketInput::new(socket.clone()));
     let output = Box::new(SocketOutput::new(socket.clone()));
-    let outcome = run_handler(runtime, stats, info, input, output).await;
+    let outcome = run(runtime, stats, info, input, output, Some(socket.clone())).await;
     match outcome {
         // A handler that gave up because the client reset the connection
         // did nothing wrong. (Only the handler's own streams set the reset
@@ -215,6 +221,20 @@ pub async fn run_handler(
     input: DynInputStream,
     output: DynOutputStream,
 ) -> Outcome {
+    run(runtime, stats, info, input, output, None).await
+}
+
+/// [`run_handler`], plus the socket behind `input` and `output` when they
+/// are a connection's, so the guest's calls on them can skip the resource
+/// table.
+async fn run(
+    runtime: &Runtime,
+    stats: &Stats,
+    info: ConnectionInfo,
+    input: DynInputStream,
+    output: DynOutputStream,
+    socket: Option<Arc<Socket>>,
+) -> Outcome {
     // The gauge is created first so it is dropped after the Store.
     let _store_gauge = stats.store_created();
     let mut store = new_store(runtime, info.id);
@@ -225,6 +245,11 @@ pub async fn run_handler(
     let Ok((conn, input, output)) = handles else {
         return Outcome::Failed("resource table full before the call".into());
     };
+    store.data_mut().socket = socket.map(|socket| SocketStreams {
+        socket,
+        input: input.rep(),
+        output: output.rep(),
+    });
     // Start functions and `handle` both run guest code: charge both, in one
     // measured future, so that the yield decision's "running without
     // waiting" clock does not restart between them.

@@ -13,6 +13,7 @@
 //! - [`connection`]: one connection's Store, `handle` call and outcome;
 //! - [`runtime`]: the engine, component loading and checks, the epoch ticker;
 //! - [`streams`]: the socket as `wasi:io` input and output streams;
+//! - [`hostcalls`]: the hot stream calls served straight from the socket;
 //! - [`limits`]: per-connection limits, the memory limiter and CPU meter;
 //! - [`guest_log`]: guest stdout/stderr as tagged log lines;
 //! - [`stats`]: counters and gauges for embedders and tests;
@@ -36,6 +37,7 @@ pub mod cache;
 pub mod config;
 pub mod connection;
 pub mod guest_log;
+pub mod hostcalls;
 pub mod limits;
 pub mod runtime;
 pub mod server;

@@ -63,8 +63,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// tokio's multi-thread runtime, or a current-thread one when the process
+/// may use only one CPU (pinned with `taskset`, or a one-CPU container
+/// quota). With one CPU the multi-thread runtime still runs the acceptor on
+/// the main thread and the connections on a lone worker, so every accept
+/// hands work from one thread to the other; on one thread it does not.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Runtime::new()
+    }
+}
+
 fn serve(config: Config) -> Result<()> {
-    let runtime = tokio::runtime::Runtime::new().context("failed to start the tokio runtime")?;
+    let runtime = runtime().context("failed to start the tokio runtime")?;
     runtime.block_on(async {
         let server = Server::new(&config)?;
         let listener = wasm_sockserver::bind(config.listen)?;

@@ -112,6 +112,7 @@ impl Runtime {
         let mut linker = Linker::<HostState>::new(&engine);
         anyhow(wasmtime_wasi::p2::add_to_linker_async(&mut linker))
             .context("failed to add WASI to the linker")?;
+        crate::hostcalls::add_to_linker(&mut linker)?;
         anyhow(
             crate::bindings::sockserver::handler::types::add_to_linker::<
                 HostState,

@@ -188,3 +188,18 @@ async fn huge_timeouts_are_no_deadline() {
     assert_eq!(server.stats.outcomes(wasm_sockserver::OutcomeKind::Ok), 1);
     server.stop().await;
 }
+
+/// Ensure the host's direct socket calls serve only the connection's own
+/// streams: a guest that drops its input and takes `wasi:cli/stdin`, whose
+/// handle then sits in the input's old table slot, reads the (empty) stdin,
+/// never the client's bytes. Fails if the fast path keyed on the slot alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_input_slot_is_not_the_socket() {
+    let server = TestServer::start(config("stdinswap")).await;
+    let mut stream = server.connect().await;
+    stream.write_all(b"secret").await.unwrap();
+    let (reply, reset) = read_to_close(&mut stream).await;
+    assert_eq!(String::from_utf8_lossy(&reply), "stdin closed\n");
+    assert!(!reset);
+    server.stop().await;
+}

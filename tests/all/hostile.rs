@@ -5,9 +5,10 @@
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use wasm_sockserver::{LimitKind, OutcomeKind};
 
-use crate::util::{Canary, TestServer, config, pattern, ping, read_to_close, roundtrip};
+use crate::util::{Binary, Canary, TestServer, config, pattern, ping, read_to_close, roundtrip};
 
 /// Ensure spinning guests on more connections than worker threads neither
 /// starve the canary nor outlive `--max-cpu` by much: each is interrupted
@@ -263,14 +264,33 @@ async fn random_binary_echo() {
 /// Ensure fair progress under bulk load: 10 connections streaming 64 KiB
 /// chunks full duplex through the echo each move a fair share of the bytes
 /// (none starved while another runs flat out), with no errors.
+///
+/// The server is the real binary pinned to one CPU, so every connection
+/// competes for the same single worker thread: the strictest setting for
+/// "no guest monopolises its worker", and the one the benchmark uses.
+/// (Run in this test's own two-worker runtime, the split instead measured
+/// where tokio happened to place each task: with both workers saturated,
+/// tasks stay on the worker that first ran them, and a 2-to-8 split of the
+/// connections between the workers alone makes a 4x difference.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_streams_progress_fairly() {
     const CONNS: usize = 10;
-    let server = TestServer::start(config("echo")).await;
+    // SAFETY: sched_setaffinity is async-signal-safe.
+    let mut server = unsafe {
+        Binary::fixture_with("echo", || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+    .await;
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut tasks = Vec::new();
     for c in 0..CONNS {
-        let (mut rd, mut wr) = server.connect().await.into_split();
+        let (mut rd, mut wr) = TcpStream::connect(server.addr).await.unwrap().into_split();
         tasks.push(tokio::spawn(async move {
             let chunk = pattern(64 * 1024, c as u64);
             let writer = tokio::spawn(async move {
@@ -316,8 +336,8 @@ async fn bulk_streams_progress_fairly() {
         "unfair: one connection moved {min} bytes, another {max}"
     );
     server
-        .wait_for("all closed", |s| s.closed() == CONNS as u64)
+        .log_lines(&["connection closed", "outcome=ok"], CONNS)
         .await;
-    assert_eq!(server.stats.outcomes(OutcomeKind::Ok), CONNS as u64);
-    server.stop().await;
+    let summary = server.stop().await;
+    assert!(summary.contains(&format!("ok={CONNS}")), "{summary}");
 }

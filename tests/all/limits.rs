@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::util::{Binary, Canary, cpu_time, field, guest, ping, proc_status_kib, read_to_close};
+use crate::util::{Binary, Canary, cpu_time, field, ping, proc_status_kib, read_to_close};
 
 async fn start(fixture: &str, extra: &[&str]) -> Binary {
     let mut args = vec!["--max-connections", "64"];
@@ -284,17 +284,9 @@ async fn saturated_server_is_quiet() {
 /// once descriptors free up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emfile_backs_off_and_recovers() {
-    let module = guest("echo");
-    let mut cmd = crate::util::binary();
-    cmd.args([
-        "--module",
-        module.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    // SAFETY: setrlimit is async-signal-safe; nothing else runs in the child.
-    unsafe {
-        cmd.pre_exec(|| {
+    // SAFETY: setrlimit is async-signal-safe.
+    let mut server = unsafe {
+        Binary::fixture_with("echo", || {
             let limit = libc::rlimit {
                 rlim_cur: 64,
                 rlim_max: 64,
@@ -303,9 +295,9 @@ async fn emfile_backs_off_and_recovers() {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
-        });
+        })
     }
-    let mut server = Binary::start_with(&mut cmd).await;
+    .await;
     // Fill the descriptor table with live connections.
     let mut held = Vec::new();
     let mut waiting = Vec::new();

@@ -214,6 +214,29 @@ impl Binary {
         Binary::start(&args).await
     }
 
+    /// Like [`Binary::fixture`], with `setup` run in the child just before
+    /// the binary starts (resource limits, CPU affinity).
+    ///
+    /// # Safety
+    /// `setup` runs between fork and exec: it may only make
+    /// async-signal-safe calls.
+    pub async unsafe fn fixture_with(
+        fixture: &str,
+        setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+    ) -> Binary {
+        let module = guest(fixture);
+        let mut cmd = binary();
+        cmd.args([
+            "--module",
+            module.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+        // SAFETY: the caller promises `setup` is async-signal-safe.
+        unsafe { cmd.pre_exec(setup) };
+        Binary::start_with(&mut cmd).await
+    }
+
     /// Start the binary and wait for its `listening on` line.
     pub async fn start(args: &[&str]) -> Binary {
         Binary::start_with(binary().args(args)).await

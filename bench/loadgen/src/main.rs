@@ -7,6 +7,7 @@
 //! limit.
 
 mod common;
+mod exact;
 mod report;
 mod startup;
 mod sys;
@@ -37,6 +38,8 @@ enum Cmd {
     Idle(tests::IdleArgs),
     /// Time from spawning the server to its first echo.
     Startup(startup::StartupArgs),
+    /// Exactly N churn connections or round trips, untimed (bench/instr.sh).
+    Exact(exact::ExactArgs),
     /// Print a JSON line that records a skipped or failed test, or a note.
     Note(NoteArgs),
     /// Write the Markdown report from the JSON lines of a run. Exits 3 when
@@ -114,6 +117,7 @@ fn run(command: Cmd) -> Result<ExitCode> {
         Cmd::Bulk(args) => runtime.block_on(tests::bulk(args))?,
         Cmd::Idle(args) => runtime.block_on(tests::idle(args))?,
         Cmd::Startup(args) => runtime.block_on(startup::startup(args))?,
+        Cmd::Exact(args) => runtime.block_on(exact::exact(args))?,
         Cmd::Note(args) => note(args),
         Cmd::Report(args) => {
             let out = args.out.clone();

@@ -33,7 +33,7 @@ async fn close(mut stream: TcpStream, limit: Duration) {
 }
 
 /// One echo of `payload` on `stream`, checking the bytes that come back.
-async fn echo_once(
+pub(crate) async fn echo_once(
     stream: &mut TcpStream,
     payload: &[u8],
     buf: &mut [u8],
@@ -70,7 +70,7 @@ pub struct ChurnArgs {
 }
 
 /// connect, `size` bytes echoed, half-close, server's EOF, close.
-async fn churn_once(
+pub(crate) async fn churn_once(
     target: &Target,
     source: Option<std::net::Ipv4Addr>,
     payload: &[u8],
