@@ -174,11 +174,14 @@ fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
                         }
                         // The guest is suspended while we wait, so its
                         // bytes cannot change before they are read here.
-                        match socket.wait_for_permit(list.len()).await {
-                            Ok(()) => match socket.write(list.as_le_slice(&store)) {
-                                Ok(()) => socket.finish_write_and_flush().await,
-                                Err(e) => Err(e),
-                            },
+                        // (The store is borrowed only between the awaits:
+                        // a borrow held across one would need it `Sync`.)
+                        let written = socket
+                            .wait_for_permit(list.len())
+                            .await
+                            .and_then(|()| socket.write(list.as_le_slice(&store)));
+                        match written {
+                            Ok(()) => socket.finish_write_and_flush().await,
                             Err(e) => Err(e),
                         }
                     }

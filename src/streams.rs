@@ -153,6 +153,16 @@ impl Activity {
         }
     }
 
+    fn received(&self, n: usize) {
+        self.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+        self.touch();
+    }
+
+    fn sent(&self, n: usize) {
+        self.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        self.touch();
+    }
+
     /// A byte moved now. The coarse clock lags the real time by up to one
     /// tick, so the stamp adds a tick: [`Activity::last`] is then never
     /// earlier than the real moment (the idle timeout never fires early)
@@ -239,10 +249,7 @@ impl Socket {
             match self.tcp.try_write(&out.buf[out.sent..]) {
                 Ok(n) => {
                     out.sent += n;
-                    self.activity
-                        .bytes_out
-                        .fetch_add(n as u64, Ordering::Relaxed);
-                    self.activity.touch();
+                    self.activity.sent(n);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
@@ -400,10 +407,7 @@ impl Socket {
             Ok(buf) => {
                 self.input_bulk
                     .store(buf.len() > SMALL_READ, Ordering::Relaxed);
-                self.activity
-                    .bytes_in
-                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
-                self.activity.touch();
+                self.activity.received(buf.len());
                 Ok(buf)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Vec::new()),
@@ -487,10 +491,7 @@ impl Socket {
                 match self.tcp.try_write(rest) {
                     Ok(n) => {
                         rest = &rest[n..];
-                        self.activity
-                            .bytes_out
-                            .fetch_add(n as u64, Ordering::Relaxed);
-                        self.activity.touch();
+                        self.activity.sent(n);
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
