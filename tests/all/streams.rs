@@ -252,9 +252,9 @@ fn unflushed_output_drains_while_waiting_for_input() {
 /// streams small pieces as fast as it can while the guest drains them with
 /// large reads, so data keeps landing between a read and the next wait. A
 /// lost wake-up would leave the reader waiting for bytes that already
-/// arrived, and the timeout would fire. (This test did not catch the
-/// stalls of the short-read readiness shortcut, since reverted;
-/// `hostile::bulk_streams_progress_fairly` on one CPU did.)
+/// arrived, and the timeout would fire. Most reads here are short and
+/// small, so they clear tokio's readiness; `short_bulk_read_looks_again`
+/// checks that bulk reads do not.
 #[test]
 fn short_reads_never_lose_a_wake_up() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -304,4 +304,58 @@ async fn stream_small_pieces(round: u64) {
     });
     let _wr = writer.await.unwrap();
     assert!(received == expected, "round {round}: bytes differ");
+}
+
+/// Ensure a short *bulk* read leaves the socket readable in tokio's eyes, so
+/// the next read looks again instead of waiting for the next epoll round.
+/// The second batch lands while the runtime does not turn (no `.await`
+/// between the two reads), as when other guests keep the thread busy: a
+/// read that had cleared the readiness would see nothing. That is the
+/// slow-down which kept up to 6 of 10 bulk connections at one receive window
+/// per epoll round (see `Socket::read`).
+#[test]
+fn short_bulk_read_looks_again() {
+    use std::os::fd::AsRawFd;
+    const BATCH: usize = 30_000;
+    runtime().block_on(async {
+        let (client, server) = pair().await;
+        let server_fd = server.as_raw_fd();
+        let socket = Socket::new(server);
+        let mut input = SocketInput::new(socket.clone());
+        let queued = || {
+            let mut n: libc::c_int = 0;
+            // SAFETY: FIONREAD writes one int; `socket` keeps the fd open.
+            assert_eq!(unsafe { libc::ioctl(server_fd, libc::FIONREAD, &mut n) }, 0);
+            n as usize
+        };
+        // Write without awaiting and wait for the kernel to queue it all,
+        // so the runtime never polls epoll in between.
+        let send = |byte: u8| {
+            let batch = vec![byte; BATCH];
+            let mut sent = 0;
+            while sent < BATCH {
+                match client.try_write(&batch[sent..]) {
+                    Ok(n) => sent += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::yield_now()
+                    }
+                    Err(e) => panic!("client write failed: {e}"),
+                }
+            }
+            while queued() < BATCH {
+                std::thread::yield_now();
+            }
+        };
+        send(1);
+        let first = input.blocking_read(BUFFER_LIMIT).await.unwrap();
+        assert_eq!(first.len(), BATCH, "the first batch in one short read");
+        send(2);
+        let second = input.read(BUFFER_LIMIT).unwrap();
+        assert_eq!(
+            second.len(),
+            BATCH,
+            "the read after a short bulk read did not look at the socket"
+        );
+        assert!(second.iter().all(|&b| b == 2));
+    });
 }
