@@ -17,8 +17,10 @@
 # noisy machine. It counts instructions, not time: kernel work (system
 # calls) is not counted, and a `rep movsb`/`rep stosb` copy counts one
 # instruction per byte. Use it to compare builds; use run.sh for speeds.
+# It misjudges changes to what a read finds waiting: the server runs ~50x
+# slower under valgrind than its clients (bench/README.md).
 # Installs valgrind (Debian package) when it is missing. Each server runs
-# about 30-60 s under callgrind.
+# about 5 s under callgrind.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -37,7 +39,7 @@ while [ $# -gt 0 ]; do
     --server) extra+=("$2"); shift ;;
     --module) module="$2"; shift ;;
     --skip-build) build=0 ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "instr.sh: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
