@@ -17,6 +17,7 @@
 //! - [`limits`]: per-connection limits, the memory limiter and CPU meter;
 //! - [`guest_log`]: guest stdout/stderr as tagged log lines;
 //! - [`stats`]: counters and gauges for embedders and tests;
+//! - [`trim`]: the host heap given back after a burst of connections;
 //! - [`cache`]: compiled components kept on disk between runs;
 //! - [`bindings`]: the host bindings generated from `wit/`.
 //!
@@ -43,6 +44,7 @@ pub mod runtime;
 pub mod server;
 pub mod stats;
 pub mod streams;
+pub mod trim;
 
 pub use config::Config;
 pub use connection::{ConnectionInfo, LocalAddr, Outcome, Served, run_handler, serve_stream};

@@ -13,8 +13,9 @@ use wasm_sockserver::{Config, Server};
 /// Keep glibc from giving its heap top back to the kernel after every large
 /// free. Its default trim threshold (128 KiB) made each 64 KiB read buffer
 /// shrink the heap on free and page-fault it back on the next read: 0.6
-/// faults per 16 KiB round trip. Above 4 MiB of free space per arena the
-/// heap is still trimmed, so memory after a burst is still returned.
+/// faults per 16 KiB round trip. Above 4 MiB of free space at the top of an
+/// arena the heap is still trimmed; free memory below the top goes back
+/// after a burst of connections through `wasm_sockserver::trim`.
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: called before any other thread exists; mallopt only sets a

@@ -66,6 +66,9 @@ pub struct Stats {
     accepted: AtomicU64,
     open: AtomicU64,
     peak_open: AtomicU64,
+    /// The most connections open at once since the heap was last trimmed
+    /// (see [`crate::trim`]).
+    high_water: AtomicU64,
     live_stores: AtomicU64,
     accept_errors: AtomicU64,
     outcomes: [AtomicU64; OutcomeKind::ALL.len()],
@@ -88,6 +91,16 @@ impl Stats {
     /// `--max-connections`.
     pub fn peak_open_connections(&self) -> u64 {
         self.peak_open.load(Ordering::Relaxed)
+    }
+
+    /// The most connections open at once since [`Stats::reset_high_water`].
+    pub fn high_water_since_trim(&self) -> u64 {
+        self.high_water.load(Ordering::Relaxed)
+    }
+
+    /// Start a new high-water mark at `open`, after a trim.
+    pub(crate) fn reset_high_water(&self, open: u64) {
+        self.high_water.store(open, Ordering::Relaxed);
     }
 
     /// Wasm Stores alive right now. Returns to 0 when no connection is being
@@ -172,6 +185,7 @@ impl Stats {
         self.bump(&self.accepted, 1);
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
         self.peak_open.fetch_max(open, Ordering::Relaxed);
+        self.high_water.fetch_max(open, Ordering::Relaxed);
         self.changed.notify_waiters();
         Gauge {
             stats: self,
