@@ -252,7 +252,8 @@ mod tests {
         assert!(parse_duration("300").is_err());
         assert!(parse_duration("fast").is_err());
         assert!(parse_duration("3 fortnights").is_err());
-        assert!(parse_cpu("1ms").is_err());
+        assert!(parse_cpu("0.5ms").is_err());
+        assert_eq!(parse_cpu("1ms"), Ok(EPOCH_TICK));
     }
 
     #[test]

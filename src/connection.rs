@@ -156,7 +156,7 @@ fn new_store(runtime: &Runtime, id: u64) -> Store<HostState> {
         table,
         socket: None,
         limiter: Limiter::new(limits),
-        cpu: CpuMeter::new(limits.max_cpu),
+        cpu: CpuMeter::new(limits.max_cpu, runtime.pulse.clone()),
         cpu_exhausted: false,
     };
     let mut store = Store::new(&runtime.engine, state);
@@ -165,6 +165,7 @@ fn new_store(runtime: &Runtime, id: u64) -> Store<HostState> {
     store.set_max_component_handles(limits::MAX_TABLE_ENTRIES);
     store.epoch_deadline_callback(|mut cx| {
         let state = cx.data_mut();
+        state.cpu.beat();
         if state.cpu.exhausted() {
             state.cpu_exhausted = true;
             return Err(Trap::Interrupt.into());

@@ -8,7 +8,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use wasm_sockserver::{LimitKind, OutcomeKind};
 
-use crate::util::{Binary, Canary, TestServer, config, pattern, ping, read_to_close, roundtrip};
+use crate::util::{
+    Binary, Canary, TestServer, config, pattern, pin_to_first_cpu, ping, read_to_close, roundtrip,
+};
 
 /// Ensure spinning guests on more connections than worker threads neither
 /// starve the canary nor outlive `--max-cpu` by much: each is interrupted
@@ -35,18 +37,21 @@ async fn spin_is_interrupted_and_others_keep_running() {
     }
 
     // Round-trip on the canary for as long as any spinner is alive.
-    let mut worst = Duration::ZERO;
-    let mut rounds = 0;
+    let mut times = Vec::new();
     while server.stats.limit_hits(LimitKind::Cpu) < SPINNERS as u64 {
-        worst = worst.max(canary.check().await);
-        rounds += 1;
+        times.push(canary.check().await);
     }
+    times.sort();
+    let rounds = times.len();
+    let worst = times.last().copied().unwrap_or_default();
+    let median = times.get(rounds / 2).copied().unwrap_or_default();
+    let p90 = times.get(rounds * 9 / 10).copied().unwrap_or_default();
     let mut lifetimes = Vec::new();
     for spinner in spinners {
         lifetimes.push(spinner.await.unwrap());
     }
     println!(
-        "spin: canary worst round trip {worst:?} over {rounds} rounds; spinner lifetimes {lifetimes:?}"
+        "spin: canary round trip median {median:?}, p90 {p90:?}, worst {worst:?} over {rounds} rounds; spinner lifetimes {lifetimes:?}"
     );
     assert!(rounds > 10, "the canary made only {rounds} round trips");
     // Starvation would show up as a stall of a whole CPU budget (1s).
@@ -261,6 +266,58 @@ async fn random_binary_echo() {
     server.stop().await;
 }
 
+/// Ensure a guest that never waits holds up the other connections on its
+/// worker for about one epoch tick, not ten. Four spinning guests and a
+/// canary share the real binary pinned to one CPU. Each spinner runs until
+/// a tick finds it past `YIELD_AFTER` (1ms), so a canary request waits for
+/// about four slices of 1-2ms: 4.3ms at the median in the release build.
+/// With the old fixed 10ms tick it waited 40ms, and this test failed.
+/// (The two-worker test above cannot tell them apart: there tokio's LIFO
+/// slot lets the canary's client and server tasks run in bursts between
+/// the spinners' slices, so its median is microseconds either way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spinners_delay_others_by_about_a_tick() {
+    const SPINNERS: usize = 4;
+    // SAFETY: the setup only calls sched_setaffinity.
+    let server = unsafe {
+        Binary::fixture_with(
+            "spin",
+            &["--max-cpu", "2s", "--shutdown-timeout", "0s"],
+            pin_to_first_cpu,
+        )
+    }
+    .await;
+    let mut canary = Canary::connect(server.addr).await;
+    let mut spinners = Vec::new();
+    for _ in 0..SPINNERS {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        assert_eq!(ping(&mut stream, b"warm").await, b"warm");
+        stream.write_all(b"spin").await.unwrap();
+        spinners.push(stream);
+    }
+    // Each spinner gets about a fifth of the CPU, so none reaches its 2s
+    // budget while the canary measures.
+    let until = Instant::now() + Duration::from_millis(600);
+    let mut times = Vec::new();
+    while Instant::now() < until {
+        times.push(canary.check().await);
+    }
+    times.sort();
+    let median = times[times.len() / 2];
+    println!(
+        "spinners on one CPU: canary round trip median {median:?}, worst {:?} over {} rounds",
+        times[times.len() - 1],
+        times.len()
+    );
+    assert!(
+        median < Duration::from_millis(15),
+        "canary median round trip {median:?} behind {SPINNERS} spinners"
+    );
+    drop(spinners);
+    drop(canary);
+    server.stop().await;
+}
+
 /// Ensure fair progress under bulk load: 10 connections streaming 64 KiB
 /// chunks full duplex through the echo each move a fair share of the bytes
 /// (none starved while another runs flat out), with no errors.
@@ -275,18 +332,8 @@ async fn random_binary_echo() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_streams_progress_fairly() {
     const CONNS: usize = 10;
-    // SAFETY: sched_setaffinity is async-signal-safe.
-    let mut server = unsafe {
-        Binary::fixture_with("echo", || {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut set);
-            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        })
-    }
-    .await;
+    // SAFETY: the setup only calls sched_setaffinity.
+    let mut server = unsafe { Binary::fixture_with("echo", &[], pin_to_first_cpu) }.await;
     let deadline = Instant::now() + Duration::from_secs(2);
     let mut tasks = Vec::new();
     for c in 0..CONNS {

@@ -286,7 +286,7 @@ async fn saturated_server_is_quiet() {
 async fn emfile_backs_off_and_recovers() {
     // SAFETY: setrlimit is async-signal-safe.
     let mut server = unsafe {
-        Binary::fixture_with("echo", || {
+        Binary::fixture_with("echo", &[], || {
             let limit = libc::rlimit {
                 rlim_cur: 64,
                 rlim_max: 64,

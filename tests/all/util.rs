@@ -222,6 +222,7 @@ impl Binary {
     /// async-signal-safe calls.
     pub async unsafe fn fixture_with(
         fixture: &str,
+        extra: &[&str],
         setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
     ) -> Binary {
         let module = guest(fixture);
@@ -232,6 +233,7 @@ impl Binary {
             "--listen",
             "127.0.0.1:0",
         ]);
+        cmd.args(extra);
         // SAFETY: the caller promises `setup` is async-signal-safe.
         unsafe { cmd.pre_exec(setup) };
         Binary::start_with(&mut cmd).await
@@ -365,6 +367,21 @@ impl Binary {
         assert_eq!(status.code(), Some(0), "server exit status");
         summary
     }
+}
+
+/// A [`Binary::fixture_with`] setup that pins the server to the first CPU,
+/// as the benchmark does: every connection then competes for one thread.
+pub fn pin_to_first_cpu() -> std::io::Result<()> {
+    // SAFETY: sched_setaffinity is async-signal-safe, and the set is a
+    // plain bit mask initialised here.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// A canary: one echo connection that must keep round-tripping correct
