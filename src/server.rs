@@ -104,7 +104,7 @@ impl Server {
         tokio::select! {
             () = shutdown => {}
             () = self.accept_loop(&listener, &connections, &cut_off) => {}
-            () = crate::trim::after_bursts(self.stats.clone()) => {}
+            () = crate::trim::after_bursts(self.stats.clone(), self.max_connections) => {}
         }
 
         // Stop accepting at once: closing the listener makes new clients be

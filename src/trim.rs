@@ -19,19 +19,25 @@ use crate::stats::Stats;
 const CHECK_EVERY: Duration = Duration::from_secs(2);
 
 /// Trim once this many fewer connections are open than at the high-water
-/// mark since the last trim: about 17 MB of freed host heap.
-pub const RECEDED_BY: u64 = 1000;
+/// mark since the last trim: a quarter of `--max-connections`, between 16
+/// and 1000 (about 17 MB of freed host heap). A fixed 1000 meant a server
+/// capped below 1000 connections never trimmed; 16 connections' worth
+/// (about 270 KB) is the least worth a heap walk.
+pub fn receded_by(max_connections: usize) -> u64 {
+    (max_connections as u64 / 4).clamp(16, 1000)
+}
 
 /// Trim the heap after every burst of connections that has receded by
-/// [`RECEDED_BY`]. Never returns; drop it to stop.
-pub async fn after_bursts(stats: Arc<Stats>) {
+/// [`receded_by`]. Never returns; drop it to stop.
+pub async fn after_bursts(stats: Arc<Stats>, max_connections: usize) {
+    let receded_by = receded_by(max_connections);
     let mut ticks = tokio::time::interval(CHECK_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
         let open = stats.open_connections();
         let high = stats.high_water_since_trim();
-        if high < open + RECEDED_BY {
+        if high < open + receded_by {
             continue;
         }
         stats.reset_high_water(open);

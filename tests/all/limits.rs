@@ -366,6 +366,32 @@ async fn emfile_backs_off_and_recovers() {
     server.stop().await;
 }
 
+/// Ensure a server capped below 1000 connections trims too: its threshold
+/// is a quarter of `--max-connections` (50 here), where a fixed 1000 meant
+/// such a server never trimmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_server_trims_after_a_burst() {
+    const CAP: usize = 200;
+    let cap = CAP.to_string();
+    let mut server = Binary::fixture("echo", &["--max-connections", &cap]).await;
+    let mut held = Vec::with_capacity(CAP);
+    for i in 0..CAP {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let msg = format!("connection {i}");
+        assert_eq!(ping(&mut stream, msg.as_bytes()).await, msg.as_bytes());
+        held.push(stream);
+    }
+    drop(held);
+    let line = server
+        .log_line(&["connections receded: returned free heap to the kernel"])
+        .await;
+    assert!(line.contains("high_water=200"), "{line}");
+    let mut canary = Canary::connect(server.addr).await;
+    canary.check().await;
+    drop(canary);
+    server.stop().await;
+}
+
 /// Ensure the host heap a burst of connections used goes back to the kernel
 /// once the burst is over: 2000 echo connections held, then closed. Before
 /// `trim`, RSS after the close stayed above its value with all of them held
