@@ -366,6 +366,18 @@ async fn emfile_backs_off_and_recovers() {
     server.stop().await;
 }
 
+/// Open `n` connections to an echo server, each echoing once, and hold them.
+async fn hold_echoing(addr: std::net::SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut held = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let msg = format!("connection {i}");
+        assert_eq!(ping(&mut stream, msg.as_bytes()).await, msg.as_bytes());
+        held.push(stream);
+    }
+    held
+}
+
 /// Ensure a server capped below 1000 connections trims too: its threshold
 /// is a quarter of `--max-connections` (50 here), where a fixed 1000 meant
 /// such a server never trimmed.
@@ -374,14 +386,7 @@ async fn small_server_trims_after_a_burst() {
     const CAP: usize = 200;
     let cap = CAP.to_string();
     let mut server = Binary::fixture("echo", &["--max-connections", &cap]).await;
-    let mut held = Vec::with_capacity(CAP);
-    for i in 0..CAP {
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
-        let msg = format!("connection {i}");
-        assert_eq!(ping(&mut stream, msg.as_bytes()).await, msg.as_bytes());
-        held.push(stream);
-    }
-    drop(held);
+    drop(hold_echoing(server.addr, CAP).await);
     let line = server
         .log_line(&["connections receded: returned free heap to the kernel"])
         .await;
@@ -400,13 +405,7 @@ async fn small_server_trims_after_a_burst() {
 async fn heap_returned_after_a_burst() {
     const BURST: usize = 2000;
     let mut server = Binary::fixture("echo", &[]).await;
-    let mut held = Vec::with_capacity(BURST);
-    for i in 0..BURST {
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
-        let msg = format!("connection {i}");
-        assert_eq!(ping(&mut stream, msg.as_bytes()).await, msg.as_bytes());
-        held.push(stream);
-    }
+    let held = hold_echoing(server.addr, BURST).await;
     let with_all = proc_status_kib(server.pid(), "VmRSS");
     drop(held);
     let line = server
