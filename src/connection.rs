@@ -165,7 +165,7 @@ fn new_store(runtime: &Runtime, id: u64) -> Store<HostState> {
     store.set_max_component_handles(limits::MAX_TABLE_ENTRIES);
     store.epoch_deadline_callback(|mut cx| {
         let state = cx.data_mut();
-        state.cpu.beat();
+        state.cpu.check_in();
         if state.cpu.exhausted() {
             state.cpu_exhausted = true;
             return Err(Trap::Interrupt.into());

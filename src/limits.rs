@@ -260,10 +260,10 @@ impl CpuMeter {
         Duration::from_nanos(self.clock.now().saturating_sub(since))
     }
 
-    /// Tell the epoch ticker that this guest is running (at each epoch
-    /// check-in, which a guest in one long poll reaches every tick).
-    pub fn beat(&self) {
-        self.pulse.beat();
+    /// Record an epoch check-in, which also tells the ticker that this
+    /// guest is running (a guest in one long poll reaches one every tick).
+    pub fn check_in(&self) {
+        self.pulse.check_in();
     }
 
     pub fn exhausted(&self) -> bool {

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::{JoinHandle, Thread};
 
 use anyhow::{Context, Result, bail};
@@ -138,6 +138,14 @@ impl Runtime {
             pulse,
             _ticker: ticker,
         })
+    }
+
+    /// How many times a running guest has stopped at an epoch tick to
+    /// check in (CPU budget, yield), over all connections so far. Each
+    /// costs a call out of wasm; a guest that waits between requests should
+    /// almost never need one.
+    pub fn epoch_checkins(&self) -> u64 {
+        self.pulse.checkins.load(Ordering::Relaxed)
     }
 
     /// The limits every connection runs under.
@@ -324,6 +332,8 @@ pub struct Pulse {
     /// The ticker is asleep (or about to be) and wants an unpark.
     asleep: AtomicBool,
     ticker: OnceLock<Thread>,
+    /// Epoch check-ins so far (see [`Runtime::epoch_checkins`]).
+    checkins: AtomicU64,
 }
 
 impl Pulse {
@@ -341,6 +351,12 @@ impl Pulse {
         {
             ticker.unpark();
         }
+    }
+
+    /// A running guest reached its epoch deadline: count it, and beat.
+    pub fn check_in(&self) {
+        self.checkins.fetch_add(1, Ordering::Relaxed);
+        self.beat();
     }
 }
 

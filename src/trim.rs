@@ -30,14 +30,14 @@ pub fn receded_by(max_connections: usize) -> u64 {
 /// Trim the heap after every burst of connections that has receded by
 /// [`receded_by`]. Never returns; drop it to stop.
 pub async fn after_bursts(stats: Arc<Stats>, max_connections: usize) {
-    let receded_by = receded_by(max_connections);
+    let threshold = receded_by(max_connections);
     let mut ticks = tokio::time::interval(CHECK_EVERY);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
         let open = stats.open_connections();
         let high = stats.high_water_since_trim();
-        if high < open + receded_by {
+        if high < open + threshold {
             continue;
         }
         stats.reset_high_water(open);

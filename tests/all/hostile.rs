@@ -5,11 +5,14 @@
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::net::TcpStream;
-use wasm_sockserver::{LimitKind, OutcomeKind};
+use tokio_util::sync::CancellationToken;
+use wasm_sockserver::{LimitKind, Limits, OutcomeKind, Runtime, Stats, serve_stream};
 
 use crate::util::{
-    Binary, Canary, TestServer, config, pattern, pin_to_first_cpu, ping, read_to_close, roundtrip,
+    Binary, Canary, TestServer, config, guest, pattern, pin_to_first_cpu, ping, read_to_close,
+    roundtrip,
 };
 
 /// Ensure spinning guests on more connections than worker threads neither
@@ -316,6 +319,46 @@ async fn spinners_delay_others_by_about_a_tick() {
     drop(spinners);
     drop(canary);
     server.stop().await;
+}
+
+/// Ensure a guest that waits between requests does not stop for an epoch
+/// check-in after every wait. A deadline counts from when it was set, so
+/// before the blocking stream calls re-armed it, a guest whose wait spanned
+/// a tick took a check-in (a call out of wasm) at its first instruction
+/// after the wait: here, where each request comes 3ms after the last echo,
+/// on every round. Now only a tick that lands while the guest runs costs
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_guests_skip_epoch_checkins() {
+    const ROUNDS: u64 = 100;
+    let runtime = Runtime::load(&guest("echo"), &Limits::default(), 4).unwrap();
+    let stats = Stats::default();
+    let cancel = CancellationToken::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (client, accepted) = tokio::join!(
+        TcpStream::connect(listener.local_addr().unwrap()),
+        listener.accept()
+    );
+    let (tcp, peer) = accepted.unwrap();
+    let mut client = client.unwrap();
+    client.set_nodelay(true).unwrap();
+    let talk = async move {
+        for round in 0..ROUNDS {
+            let msg = pattern(64, round);
+            assert_eq!(ping(&mut client, &msg).await, msg);
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        client.shutdown().await.unwrap();
+        read_to_close(&mut client).await;
+    };
+    let (served, ()) = tokio::join!(serve_stream(&runtime, &stats, tcp, peer, 1, &cancel), talk);
+    assert_eq!(served.outcome.kind(), OutcomeKind::Ok, "{}", served.outcome);
+    let checkins = runtime.epoch_checkins();
+    println!("{ROUNDS} waits of 3ms: {checkins} epoch check-ins");
+    assert!(
+        checkins < ROUNDS / 4,
+        "{checkins} epoch check-ins over {ROUNDS} waits"
+    );
 }
 
 /// Ensure fair progress under bulk load: 10 connections streaming 64 KiB

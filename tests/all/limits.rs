@@ -366,6 +366,50 @@ async fn emfile_backs_off_and_recovers() {
     server.stop().await;
 }
 
+/// Context switches so far of the server thread named `name`.
+fn thread_switches(pid: u32, name: &str) -> u64 {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("read /proc tasks");
+    for task in tasks {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() == name {
+            let status = std::fs::read_to_string(dir.join("status")).unwrap();
+            return status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse().ok())
+                .expect("voluntary_ctxt_switches");
+        }
+    }
+    panic!("no thread named {name} in process {pid}");
+}
+
+/// Ensure the epoch ticker sleeps while no guest runs: it ticks every 1ms
+/// only while guests run, so an idle server wakes about 100 times a second
+/// (its 10ms idle sleep), not 1000. Then a guest that spins still gets
+/// interrupted: the first poll of a guest wakes the ticker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_ticker_sleeps_and_wakes_for_guests() {
+    let mut server = start("spin", &["--max-cpu", "200ms"]).await;
+    // Let the connection-less server settle, then count one idle second.
+    drop(Canary::connect(server.addr).await);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = thread_switches(server.pid(), "epoch-ticker");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = thread_switches(server.pid(), "epoch-ticker") - before;
+    println!("idle epoch ticker: {idle} wake-ups in 1s");
+    assert!(idle < 300, "the idle ticker woke {idle} times in 1s");
+    // Asleep or not, the ticker still stops a spinning guest at its budget.
+    let mut stream = pull_trigger(server.addr, b"spin").await;
+    let (rest, _) = read_to_close(&mut stream).await;
+    assert!(rest.is_empty());
+    server.log_line(&["outcome=limit", "limit=cpu"]).await;
+    let mut canary = Canary::connect(server.addr).await;
+    canary.check().await;
+    drop(canary);
+    server.stop().await;
+}
+
 /// Open `n` connections to an echo server, each echoing once, and hold them.
 async fn hold_echoing(addr: std::net::SocketAddr, n: usize) -> Vec<TcpStream> {
     let mut held = Vec::with_capacity(n);
