@@ -218,7 +218,7 @@ for n in $idle_ns; do
   sources=$((n / 10000 + 2))
   need_fd=$((n + 1000))
   if [ "$nofile_hard" -lt "$need_fd" ]; then
-    hint="to run it, as root: \`ulimit -Hn 1048576 && ulimit -n 1048576\` in the shell that runs bench/run.sh (fs.nr_open must allow it: \`sysctl -w fs.nr_open=1048576\`)"
+    hint="to run it, as root: \`ulimit -Hn 1048576 && ulimit -n 1048576\` in the shell that runs bench/run.sh (fs.nr_open must allow it: \`sysctl -w fs.nr_open=1048576\`), or \`bash bench/hold.sh --conns $n\` to hold them across several --reuse-port processes within the current limits"
     for kind in native wasm; do
       note --test "$test" --server "$kind" \
         --skipped "the open-file hard limit is $nofile_hard, below the $need_fd needed" --hint "$hint"

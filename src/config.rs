@@ -24,6 +24,13 @@ pub struct Config {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7000")]
     pub listen: SocketAddr,
 
+    /// Share the listening port with other processes that also pass this
+    /// flag (SO_REUSEPORT): the kernel spreads new connections among them.
+    /// For one server process per core, or to start a new build beside a
+    /// running one and then stop the old one.
+    #[arg(long)]
+    pub reuse_port: bool,
+
     /// Most connections open at once. At the limit the server stops
     /// accepting and new clients wait in the kernel's backlog.
     #[arg(long, value_name = "N", default_value_t = 10_000,

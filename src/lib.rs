@@ -50,5 +50,5 @@ pub use config::Config;
 pub use connection::{ConnectionInfo, LocalAddr, Outcome, Served, run_handler, serve_stream};
 pub use limits::{LimitKind, Limits};
 pub use runtime::Runtime;
-pub use server::{Server, bind, run};
+pub use server::{Server, bind, bind_reuse_port, run};
 pub use stats::{OutcomeKind, Stats};

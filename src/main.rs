@@ -84,7 +84,11 @@ fn serve(config: Config) -> Result<()> {
     let runtime = runtime().context("failed to start the tokio runtime")?;
     runtime.block_on(async {
         let server = Server::new(&config)?;
-        let listener = wasm_sockserver::bind(config.listen)?;
+        let listener = if config.reuse_port {
+            wasm_sockserver::bind_reuse_port(config.listen)?
+        } else {
+            wasm_sockserver::bind(config.listen)?
+        };
         // Install the signal handlers before announcing the address: a
         // signal that arrives after `listening on` must mean "shut down",
         // never the default action of killing the process.

@@ -36,6 +36,21 @@ const ACCEPT_WARN_INTERVAL: Duration = Duration::from_secs(1);
 /// Used by the binary and by tests and embedders alike; must be called from
 /// within a tokio runtime.
 pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
+    listen(addr, false)
+}
+
+/// [`bind`], plus `SO_REUSEPORT`: several processes (or several listeners in
+/// one process) can then listen on the same address, and the kernel spreads
+/// new connections among them by a hash of the client's address and port.
+/// That is how one machine runs a server per core with its own accept queue,
+/// as nginx's `reuseport` does, and how a new build starts next to an old one
+/// before the old one is stopped. Every listener on the address must set it,
+/// and all must belong to the same user.
+pub fn bind_reuse_port(addr: SocketAddr) -> Result<TcpListener> {
+    listen(addr, true)
+}
+
+fn listen(addr: SocketAddr, reuse_port: bool) -> Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -45,6 +60,11 @@ pub fn bind(addr: SocketAddr) -> Result<TcpListener> {
     socket
         .set_reuseaddr(true)
         .with_context(|| format!("cannot set SO_REUSEADDR for {addr}"))?;
+    if reuse_port {
+        socket
+            .set_reuseport(true)
+            .with_context(|| format!("cannot set SO_REUSEPORT for {addr}"))?;
+    }
     socket
         .bind(addr)
         .with_context(|| format!("cannot listen on {addr}"))?;

@@ -84,6 +84,58 @@ async fn shutdown_drains_live_connections() {
     assert_eq!(status.code(), Some(0));
 }
 
+/// Ensure `--reuse-port` lets two servers listen on one port: the kernel
+/// spreads connections over both, a server without the flag cannot join,
+/// and once one of the two stops the other serves alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuse_port_shares_the_port() {
+    let mut first = Binary::fixture("echo", &["--reuse-port"]).await;
+    let addr = first.addr.to_string();
+    let module = crate::util::guest("echo");
+    let module = module.to_str().unwrap();
+
+    let (code, stderr) = crate::util::run_binary(&["--module", module, "--listen", &addr]).await;
+    assert_ne!(code, 0, "a server without --reuse-port joined: {stderr}");
+    assert!(stderr.contains("in use"), "{stderr}");
+
+    let mut second = Binary::start(&["--module", module, "--listen", &addr, "--reuse-port"]).await;
+    assert_eq!(second.addr, first.addr);
+    // Each connection comes from a new source port, so the kernel's hash
+    // sends about half to each server: all 32 to one has odds of 2^-31.
+    const CONNS: usize = 32;
+    for i in 0..CONNS {
+        let stream = tokio::net::TcpStream::connect(first.addr).await.unwrap();
+        let message = format!("hello {i}");
+        assert_eq!(
+            roundtrip(stream, message.as_bytes()).await,
+            message.as_bytes()
+        );
+    }
+    let (mut by_first, mut by_second) = (0, 0);
+    while by_first + by_second < CONNS {
+        tokio::select! {
+            _ = first.log_line(&["connection closed", "outcome=ok"]) => by_first += 1,
+            _ = second.log_line(&["connection closed", "outcome=ok"]) => by_second += 1,
+        }
+    }
+    assert!(
+        by_first > 0 && by_second > 0,
+        "connections served: {by_first} by the first server, {by_second} by the second"
+    );
+
+    first.stop().await;
+    for i in 0..4 {
+        let stream = tokio::net::TcpStream::connect(second.addr).await.unwrap();
+        let message = format!("after {i}");
+        assert_eq!(
+            roundtrip(stream, message.as_bytes()).await,
+            message.as_bytes()
+        );
+        second.log_line(&["connection closed", "outcome=ok"]).await;
+    }
+    second.stop().await;
+}
+
 /// Ensure the Rust SDK's `std::io` adapters carry an ordinary `BufReader`
 /// line protocol: commands split across packets, several per packet, are
 /// answered in order, and QUIT ends the connection.

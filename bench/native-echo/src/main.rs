@@ -20,6 +20,10 @@ struct Args {
     /// Address to listen on; port 0 picks a free one.
     #[arg(long, default_value = "127.0.0.1:7000")]
     listen: SocketAddr,
+    /// Set SO_REUSEPORT, like wasm-sockserver's `--reuse-port`, so several
+    /// processes can share the port (`bench/hold.sh`).
+    #[arg(long)]
+    reuse_port: bool,
 }
 
 const BACKLOG: u32 = 65_535;
@@ -28,10 +32,10 @@ const BUFFER: usize = 64 * 1024;
 fn main() -> Result<()> {
     let args = Args::parse();
     let runtime = tokio::runtime::Runtime::new().context("failed to start the tokio runtime")?;
-    runtime.block_on(serve(args.listen))
+    runtime.block_on(serve(args.listen, args.reuse_port))
 }
 
-async fn serve(addr: SocketAddr) -> Result<()> {
+async fn serve(addr: SocketAddr, reuse_port: bool) -> Result<()> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()
     } else {
@@ -39,6 +43,9 @@ async fn serve(addr: SocketAddr) -> Result<()> {
     }
     .context("cannot create a socket")?;
     socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
     socket
         .bind(addr)
         .with_context(|| format!("cannot listen on {addr}"))?;
