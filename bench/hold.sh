@@ -75,19 +75,15 @@ sources=$(( conns / 20000 + 1 ))
 for tool in ss python3; do
   command -v "$tool" >/dev/null || { echo "hold.sh: needs $tool (apt-get install iproute2 python3)" >&2; exit 2; }
 done
+# shellcheck source=bench/common.sh
+. "$root/bench/common.sh"
 if [ "$build" = 1 ]; then
   say "building bench/, the server and the guests"
-  cargo build --quiet --release --manifest-path bench/Cargo.toml
-  cargo build --quiet --release
-  bash scripts/build-guests.sh
+  build_all
 fi
-loadgen="$root/bench/target/release/loadgen"
-native="$root/bench/target/release/native-echo"
 server="$root/target/release/wasm-sockserver"
-echo_wasm="$root/guest/target/wasm32-wasip2/release/echo.wasm"
-for f in "$loadgen" "$native" "$server" "$echo_wasm"; do
-  [ -e "$f" ] || { echo "hold.sh: $f is missing (run without --skip-build)" >&2; exit 1; }
-done
+echo_wasm=$echo_wasm_default
+require hold.sh "$loadgen" "$native" "$server" "$echo_wasm"
 
 work="$root/bench/results/hold"
 mkdir -p "$work"

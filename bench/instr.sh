@@ -51,18 +51,14 @@ if ! command -v valgrind >/dev/null || ! command -v callgrind_control >/dev/null
   say "installing valgrind"
   apt-get update -qq && apt-get install -y -qq valgrind >/dev/null
 fi
+# shellcheck source=bench/common.sh
+. "$root/bench/common.sh"
 if [ "$build" = 1 ]; then
   say "building bench/, the server and the guests"
-  cargo build --quiet --release --manifest-path bench/Cargo.toml
-  cargo build --quiet --release
-  bash scripts/build-guests.sh
+  build_all
 fi
-loadgen="$root/bench/target/release/loadgen"
-native="$root/bench/target/release/native-echo"
-module="${module:-$root/guest/target/wasm32-wasip2/release/echo.wasm}"
-for f in "$loadgen" "$native" "$root/target/release/wasm-sockserver" "$module" "${extra[@]}"; do
-  [ -e "$f" ] || { echo "instr.sh: $f is missing" >&2; exit 1; }
-done
+module="${module:-$echo_wasm_default}"
+require instr.sh "$loadgen" "$native" "$root/target/release/wasm-sockserver" "$module" "${extra[@]}"
 
 srv_pin=(); lg_pin=()
 if [ "$(nproc)" -ge 2 ] && command -v taskset >/dev/null; then

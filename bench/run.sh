@@ -91,25 +91,19 @@ say() { printf 'bench: %s\n' "$*" >&2; }
 # which runs it in smoke mode.
 server_profile=release
 [ "$mode" = smoke ] && server_profile=debug
+# shellcheck source=bench/common.sh
+. "$root/bench/common.sh"
 if [ "$build" = 1 ]; then
   say "building bench/ (loadgen, native-echo), the server and the guests"
-  cargo build --quiet --release --manifest-path bench/Cargo.toml
+  build_all "$server_profile"
   if [ "$server_profile" = release ]; then
-    cargo build --quiet --release
     # The micro benchmark builds with dev-dependencies: build it now, unpinned.
     cargo bench --quiet --no-run --bench instantiate
-  else
-    cargo build --quiet
   fi
-  bash scripts/build-guests.sh
 fi
-loadgen="$root/bench/target/release/loadgen"
-native="$root/bench/target/release/native-echo"
 server="$root/target/$server_profile/wasm-sockserver"
-echo_wasm="${module_override:-$root/guest/target/wasm32-wasip2/release/echo.wasm}"
-for f in "$loadgen" "$native" "$server" "$echo_wasm"; do
-  [ -e "$f" ] || { echo "run.sh: $f is missing (run without --skip-build)" >&2; exit 1; }
-done
+echo_wasm="${module_override:-$echo_wasm_default}"
+require run.sh "$loadgen" "$native" "$server" "$echo_wasm"
 
 results_dir="$root/bench/results"
 logs="$results_dir/logs-$mode"
