@@ -25,6 +25,37 @@ fn tune_malloc() {
     }
 }
 
+/// Raise the soft open-file limit to the hard one, as Go's runtime does at
+/// start and nginx's `worker_rlimit_nofile` allows: every connection holds
+/// a descriptor, and the usual soft default of 1024 would stop the server
+/// far below the default `--max-connections` of 10000. Returns the soft
+/// limit in effect.
+fn raise_open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit only reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            limit.rlim_cur = limit.rlim_max;
+        }
+    }
+    Some(limit.rlim_cur)
+}
+
+/// Descriptors the process needs besides one per connection: the listener,
+/// epoll, the compiled-code cache, stdio and some slack.
+const SPARE_DESCRIPTORS: u64 = 64;
+
 fn main() -> ExitCode {
     // Routine connection errors (a client reset) must not capture a host
     // backtrace even when RUST_BACKTRACE=1 is set: it halves the connection
@@ -54,6 +85,18 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+
+    if let Some(limit) = raise_open_file_limit() {
+        let needed = u64::from(config.max_connections) + SPARE_DESCRIPTORS;
+        if limit < needed {
+            tracing::warn!(
+                limit,
+                needed,
+                "the open-file limit is below --max-connections: accepts beyond it back off \
+                 until connections close (raise it with `ulimit -n`, or lower --max-connections)"
+            );
+        }
+    }
 
     match serve(config) {
         Ok(()) => ExitCode::SUCCESS,

@@ -136,6 +136,61 @@ async fn reuse_port_shares_the_port() {
     second.stop().await;
 }
 
+/// Start the echo binary with its open-file limit set to `soft`/`hard`
+/// before exec, and `extra` flags.
+async fn echo_with_nofile(soft: u64, hard: u64, extra: &[&str]) -> Binary {
+    // SAFETY: the setup only calls setrlimit, which is async-signal-safe.
+    unsafe { Binary::fixture_with("echo", extra, crate::util::set_nofile(soft, hard)) }.await
+}
+
+/// The soft and hard open-file limits of a running process.
+fn nofile_of(pid: u32) -> (u64, u64) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let row = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<u64> = row
+        .split_whitespace()
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    (numbers[0], numbers[1])
+}
+
+/// Ensure the binary raises its soft open-file limit to the hard one, and
+/// warns (once, before serving) only when that is still too low for
+/// `--max-connections`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_file_limit_is_raised() {
+    // Room for 1000 connections once raised: no warning.
+    let mut roomy = echo_with_nofile(200, 2000, &["--max-connections", "1000"]).await;
+    assert_eq!(nofile_of(roomy.pid()), (2000, 2000));
+    loop {
+        let line = tokio::time::timeout(crate::util::PATIENCE, roomy.stderr.recv())
+            .await
+            .expect("a log line in time")
+            .expect("stderr open");
+        assert!(
+            !line.contains("open-file limit"),
+            "unexpected warning: {line}"
+        );
+        if line.contains("server started") {
+            break;
+        }
+    }
+    let stream = tokio::net::TcpStream::connect(roomy.addr).await.unwrap();
+    assert_eq!(roundtrip(stream, b"fine").await, b"fine");
+    roomy.stop().await;
+
+    // The default --max-connections (10000) cannot fit under 2000.
+    let mut tight = echo_with_nofile(200, 2000, &[]).await;
+    assert_eq!(nofile_of(tight.pid()), (2000, 2000));
+    tight
+        .log_line(&["WARN", "open-file limit", "limit=2000", "needed=10064"])
+        .await;
+    tight.stop().await;
+}
+
 /// Ensure the Rust SDK's `std::io` adapters carry an ordinary `BufReader`
 /// line protocol: commands split across packets, several per packet, are
 /// answered in order, and QUIT ends the connection.

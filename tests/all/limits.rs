@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::util::{Binary, Canary, cpu_time, field, ping, proc_status_kib, read_to_close};
+use crate::util::{
+    Binary, Canary, cpu_time, field, ping, proc_status_kib, read_to_close, set_nofile,
+};
 
 async fn start(fixture: &str, extra: &[&str]) -> Binary {
     let mut args = vec!["--max-connections", "64"];
@@ -284,20 +286,8 @@ async fn saturated_server_is_quiet() {
 /// once descriptors free up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn emfile_backs_off_and_recovers() {
-    // SAFETY: setrlimit is async-signal-safe.
-    let mut server = unsafe {
-        Binary::fixture_with("echo", &[], || {
-            let limit = libc::rlimit {
-                rlim_cur: 64,
-                rlim_max: 64,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        })
-    }
-    .await;
+    // SAFETY: the setup only calls setrlimit, which is async-signal-safe.
+    let mut server = unsafe { Binary::fixture_with("echo", &[], set_nofile(64, 64)) }.await;
     // Fill the descriptor table with live connections.
     let mut held = Vec::new();
     let mut waiting = Vec::new();

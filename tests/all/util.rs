@@ -384,6 +384,24 @@ pub fn pin_to_first_cpu() -> std::io::Result<()> {
     Ok(())
 }
 
+/// A [`Binary::fixture_with`] setup that sets the open-file limit.
+pub fn set_nofile(
+    soft: u64,
+    hard: u64,
+) -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+    move || {
+        let limit = libc::rlimit {
+            rlim_cur: soft,
+            rlim_max: hard,
+        };
+        // SAFETY: setrlimit is async-signal-safe and only reads `limit`.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 /// A canary: one echo connection that must keep round-tripping correct
 /// bytes. `check` returns the round-trip time.
 pub struct Canary {
