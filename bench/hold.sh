@@ -146,7 +146,6 @@ for kind in $kinds; do
   port=${addr##*:}
   rss_before=$(rss_sum "${servers[@]}")
 
-  t0=$(date +%s.%N)
   lg_pids=()
   for i in $(seq 1 "$lgs"); do
     n=$(( conns - (i - 1) * lg_each < lg_each ? conns - (i - 1) * lg_each : lg_each ))
@@ -158,7 +157,7 @@ for kind in $kinds; do
   done
   # Sample until every load generator is done: the peak of server-side
   # ESTABLISHED sockets, and the servers' RSS when it was reached.
-  peak=0 peak_at="" rss_peak=$rss_before
+  peak=0 rss_peak=$rss_before
   while :; do
     running=0
     for pid in "${lg_pids[@]}"; do kill -0 "$pid" 2>/dev/null && running=1; done
@@ -166,7 +165,6 @@ for kind in $kinds; do
     est=$(ss -Htn state established "( sport = :$port )" | wc -l)
     if [ "$est" -gt "$peak" ]; then
       peak=$est
-      peak_at=$(date +%s.%N)
       rss_peak=$(rss_sum "${servers[@]}")
     elif [ "$est" -eq "$peak" ] && [ "$est" -gt 0 ]; then
       # Instances settle after their sockets are counted: take the later RSS.
@@ -184,11 +182,11 @@ for kind in $kinds; do
   done
 
   row=$(python3 - "$kind" "$conns" "$procs" "$lgs" "$peak" "$rss_before" "$rss_peak" \
-        "$t0" "${peak_at:-$t0}" "$lg_rc" "$work"/"$kind"-lg-*.json <<'EOF'
+        "$lg_rc" "$work"/"$kind"-lg-*.json <<'EOF'
 import json, sys
-kind, conns, procs, lgs, peak, before, at_peak, t0, peak_at, lg_rc = sys.argv[1:11]
+kind, conns, procs, lgs, peak, before, at_peak, lg_rc = sys.argv[1:9]
 runs = []
-for path in sys.argv[11:]:
+for path in sys.argv[9:]:
     with open(path) as f:
         runs += [json.loads(l) for l in f if l.startswith("{")]
 est = sum(r.get("conns", 0) for r in runs)
