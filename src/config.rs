@@ -13,7 +13,15 @@ use crate::limits::{EPOCH_TICK, Limits};
 /// Serve TCP connections with a fresh, sandboxed WebAssembly component per
 /// connection.
 #[derive(Parser, Debug, Clone, PartialEq, Eq)]
-#[command(name = "wasm-sockserver", version, about, max_term_width = 100)]
+#[command(
+    name = "wasm-sockserver",
+    version,
+    about,
+    max_term_width = 100,
+    after_help = "Signals: SIGINT or SIGTERM stops accepting and drains open connections (a \
+                  second one exits at once); SIGHUP loads --module again for new connections \
+                  while open ones finish on the old one."
+)]
 pub struct Config {
     /// The handler component (.wasm) exporting sockserver:handler/handler.
     #[arg(long, value_name = "PATH")]

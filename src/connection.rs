@@ -434,15 +434,16 @@ pub(crate) async fn serve(
         bytes_out,
     } = serve_stream(&runtime, &stats, tcp, peer, id, &cancel).await;
     let duration_ms = duration.as_secs_f64() * 1000.0;
+    let generation = runtime.generation();
     match &outcome {
         Outcome::Ok | Outcome::ClientReset | Outcome::Cancelled => {
-            tracing::info!(conn = id, %peer, %outcome, duration_ms, bytes_in, bytes_out, "connection closed")
+            tracing::info!(conn = id, %peer, %outcome, duration_ms, bytes_in, bytes_out, generation, "connection closed")
         }
         Outcome::Err(msg) | Outcome::Trap(msg) | Outcome::Failed(msg) => {
-            tracing::warn!(conn = id, %peer, %outcome, error = %msg, duration_ms, bytes_in, bytes_out, "connection closed")
+            tracing::warn!(conn = id, %peer, %outcome, error = %msg, duration_ms, bytes_in, bytes_out, generation, "connection closed")
         }
         Outcome::Limit(limit) => {
-            tracing::warn!(conn = id, %peer, %outcome, %limit, duration_ms, bytes_in, bytes_out, "connection closed")
+            tracing::warn!(conn = id, %peer, %outcome, %limit, duration_ms, bytes_in, bytes_out, generation, "connection closed")
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The `wasm-sockserver` binary: parse the command line, set up logging,
-//! load the handler, bind, print the address, and serve until a signal.
+//! load the handler, bind, print the address, and serve until a signal
+//! (SIGINT or SIGTERM stop it, SIGHUP reloads the handler).
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -133,9 +134,19 @@ fn serve(config: Config) -> Result<()> {
             wasm_sockserver::bind(config.listen)?
         };
         // Install the signal handlers before announcing the address: a
-        // signal that arrives after `listening on` must mean "shut down",
-        // never the default action of killing the process.
+        // signal that arrives after `listening on` must mean "shut down" or
+        // "reload", never the default action of killing the process.
         let signals = Signals::install()?;
+        let mut hangup = signal(SignalKind::hangup()).context("cannot install a SIGHUP handler")?;
+        let reloader = server.reloader();
+        tokio::spawn(async move {
+            // Each SIGHUP reloads once; signals that arrive during a reload
+            // are merged into one more reload after it, which reads the
+            // newest file. The outcome is logged either way.
+            while hangup.recv().await.is_some() {
+                let _ = reloader.reload().await;
+            }
+        });
         let addr = listener
             .local_addr()
             .context("cannot read the listener's address")?;

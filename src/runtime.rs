@@ -1,6 +1,6 @@
 //! The wasm side of the server: engine configuration, loading and checking
-//! the handler component, the `InstancePre` every connection instantiates
-//! from, and the epoch ticker thread.
+//! the handler component (at start and at each reload), the `InstancePre`
+//! every connection instantiates from, and the epoch ticker thread.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -28,9 +28,13 @@ pub struct Runtime {
     /// Tells the ticker that guests are running; every connection's CPU
     /// meter holds a clone.
     pub(crate) pulse: Arc<Pulse>,
+    generation: u64,
+    /// What the shared instance pool was sized for, per connection.
+    capacity: Counts,
     /// Advances the engine's epoch every [`limits::EPOCH_TICK`] while guests
-    /// run; stopped and joined when the runtime is dropped.
-    _ticker: Ticker,
+    /// run; shared by every generation of the handler and stopped and
+    /// joined when the last of them is dropped.
+    _ticker: Arc<Ticker>,
 }
 
 impl Runtime {
@@ -67,7 +71,104 @@ impl Runtime {
         max_connections: usize,
         cache_dir: Option<&Path>,
     ) -> Result<Runtime> {
-        let shown = path.display();
+        let checked = Checked::read(path, limits, cache_dir)?;
+        let mut config = engine_config(limits);
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(
+            limits,
+            max_connections,
+            &checked.counts,
+        )));
+        let engine =
+            anyhow(Engine::new(&config)).context("failed to create the pooling wasm engine")?;
+        let pre = checked.pre_instantiate(&engine)?;
+        let pulse = Arc::new(Pulse::default());
+        let ticker = Ticker::start(engine.clone(), pulse.clone())?;
+        Ok(Runtime {
+            engine,
+            pre,
+            limits: limits.clone(),
+            pulse,
+            generation: 1,
+            capacity: checked.counts,
+            _ticker: Arc::new(ticker),
+        })
+    }
+
+    /// Load the component at `path` again (a new build of the handler) into
+    /// this runtime's engine and pool, for new connections; this runtime
+    /// stays valid for the connections that already use it.
+    ///
+    /// The new component is checked exactly as at start. It must also fit
+    /// the instance pool, which was sized from the first component's counts
+    /// when the server started: a component that needs more core instances,
+    /// memories or tables per connection is refused, and only a restart can
+    /// load it. Sharing the pool is what keeps a reload cheap: no second
+    /// pool's address space and memory mappings, and since live connections
+    /// never exceed `--max-connections` whatever mix of old and new
+    /// components they run, the pool never needs more slots.
+    pub fn reload(&self, path: &Path, cache_dir: Option<&Path>) -> Result<Runtime> {
+        let checked = Checked::read(path, &self.limits, cache_dir)?;
+        if let Some(excess) = self.capacity.excess(&checked.counts) {
+            bail!(
+                "{} needs {excess} per connection, more than the running server's instance pool \
+                 was sized for from the component it started with: restart the server to load it",
+                path.display()
+            );
+        }
+        Ok(Runtime {
+            engine: self.engine.clone(),
+            pre: checked.pre_instantiate(&self.engine)?,
+            limits: self.limits.clone(),
+            pulse: self.pulse.clone(),
+            generation: self.generation + 1,
+            capacity: self.capacity,
+            _ticker: self._ticker.clone(),
+        })
+    }
+
+    /// Which load of the handler this is: 1 at start, one more at each
+    /// successful [`Runtime::reload`]. Logged with every connection.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// How many times a running guest has stopped at an epoch tick to
+    /// check in (CPU budget, yield), over all connections so far. Each
+    /// costs a call out of wasm; a guest that waits between requests should
+    /// almost never need one.
+    pub fn epoch_checkins(&self) -> u64 {
+        self.pulse.checkins.load(Ordering::Relaxed)
+    }
+
+    /// The limits every connection runs under.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+}
+
+/// wasmtime 48 has its own error type; move it into anyhow so `.context`
+/// and `{:#}` work as everywhere else.
+fn anyhow<T>(result: wasmtime::Result<T>) -> Result<T> {
+    result.map_err(anyhow::Error::from)
+}
+
+/// A handler component that passed every check at load, compiled and ready
+/// to be loaded into the pooling engine.
+struct Checked {
+    shown: String,
+    artifact: Vec<u8>,
+    counts: Counts,
+}
+
+impl Checked {
+    /// Read and check the component at `path`, and compile it (or take its
+    /// compiled code from `cache_dir`).
+    ///
+    /// Every problem with the file (missing, not wasm, a core module, the
+    /// wrong exports, memory beyond the limit) is an error with a one-line
+    /// explanation.
+    fn read(path: &Path, limits: &Limits, cache_dir: Option<&Path>) -> Result<Checked> {
+        let shown = path.display().to_string();
         let bytes = std::fs::read(path).with_context(|| format!("cannot read module {shown}"))?;
         if !wasmparser::Parser::is_component(&bytes) {
             if wasmparser::Parser::is_core_wasm(&bytes) {
@@ -89,22 +190,24 @@ impl Runtime {
             .context("failed to create the wasm engine")?;
         let (compiled, artifact) = crate::cache::compile(&probe, &bytes, cache_dir)
             .with_context(|| format!("{shown} is not a valid component"))?;
-        check_exports(&probe, &compiled, &shown.to_string())?;
-        let counts = Counts::of(&compiled, &bytes, limits, &shown.to_string())?;
+        check_exports(&probe, &compiled, &shown)?;
+        let counts = Counts::of(&compiled, &bytes, limits, &shown)?;
+        Ok(Checked {
+            shown,
+            artifact,
+            counts,
+        })
+    }
 
-        let mut config = engine_config(limits);
-        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(
-            limits,
-            max_connections,
-            &counts,
-        )));
-        let engine =
-            anyhow(Engine::new(&config)).context("failed to create the pooling wasm engine")?;
+    /// Load the compiled code into the pooling `engine` and link it against
+    /// the host: the `InstancePre` every connection instantiates from.
+    fn pre_instantiate(&self, engine: &Engine) -> Result<SockserverPre<HostState>> {
+        let shown = &self.shown;
         // SAFETY: the artifact comes from `precompile_component` of an engine
         // with the same settings (the cache key includes them), and the
         // pooling engine differs from the probe only in its allocation
         // strategy, which compiled code does not depend on.
-        let component = anyhow(unsafe { Component::deserialize(&engine, &artifact) })
+        let component = anyhow(unsafe { Component::deserialize(engine, &self.artifact) })
             .context("failed to load the compiled component into the pooling engine")?;
         // Create the copy-on-write memory images (one memfd per module) now,
         // not lazily at the first connection: then a first connection that
@@ -113,7 +216,7 @@ impl Runtime {
         anyhow(component.initialize_copy_on_write_image())
             .context("failed to prepare the component's memory images")?;
 
-        let mut linker = Linker::<HostState>::new(&engine);
+        let mut linker = Linker::<HostState>::new(engine);
         anyhow(wasmtime_wasi::p2::add_to_linker_async(&mut linker))
             .context("failed to add WASI to the linker")?;
         crate::hostcalls::add_to_linker(&mut linker)?;
@@ -126,38 +229,9 @@ impl Runtime {
         .context("failed to add the sockserver interfaces to the linker")?;
         let instance_pre = anyhow(linker.instantiate_pre(&component))
             .with_context(|| format!("{shown} needs an import the host does not provide"))?;
-        let pre = anyhow(SockserverPre::new(instance_pre))
-            .with_context(|| format!("{shown} does not match the sockserver world"))?;
-
-        let pulse = Arc::new(Pulse::default());
-        let ticker = Ticker::start(engine.clone(), pulse.clone())?;
-        Ok(Runtime {
-            engine,
-            pre,
-            limits: limits.clone(),
-            pulse,
-            _ticker: ticker,
-        })
+        anyhow(SockserverPre::new(instance_pre))
+            .with_context(|| format!("{shown} does not match the sockserver world"))
     }
-
-    /// How many times a running guest has stopped at an epoch tick to
-    /// check in (CPU budget, yield), over all connections so far. Each
-    /// costs a call out of wasm; a guest that waits between requests should
-    /// almost never need one.
-    pub fn epoch_checkins(&self) -> u64 {
-        self.pulse.checkins.load(Ordering::Relaxed)
-    }
-
-    /// The limits every connection runs under.
-    pub fn limits(&self) -> &Limits {
-        &self.limits
-    }
-}
-
-/// wasmtime 48 has its own error type; move it into anyhow so `.context`
-/// and `{:#}` work as everywhere else.
-fn anyhow<T>(result: wasmtime::Result<T>) -> Result<T> {
-    result.map_err(anyhow::Error::from)
 }
 
 /// The engine settings shared by the probe engine and the pooling engine.
@@ -184,6 +258,7 @@ fn memory_reservation(limits: &Limits) -> u64 {
 }
 
 /// What one instance of the component takes from the pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Counts {
     core_instances: u32,
     memories: u32,
@@ -191,6 +266,22 @@ struct Counts {
 }
 
 impl Counts {
+    /// What `next` needs per connection beyond what a pool sized for
+    /// `self` holds, described for an error message; `None` if it fits.
+    fn excess(&self, next: &Counts) -> Option<String> {
+        let mut over = Vec::new();
+        for (what, has, needs) in [
+            ("core instances", self.core_instances, next.core_instances),
+            ("memories", self.memories.max(1), next.memories),
+            ("tables", self.tables.max(1), next.tables),
+        ] {
+            if needs > has {
+                over.push(format!("{needs} {what} (the pool has room for {has})"));
+            }
+        }
+        (!over.is_empty()).then(|| over.join(", "))
+    }
+
     fn of(component: &Component, bytes: &[u8], limits: &Limits, shown: &str) -> Result<Counts> {
         let required = component
             .resources_required()
@@ -408,5 +499,38 @@ impl Drop for Ticker {
             thread.thread().unpark();
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Counts;
+
+    /// Ensure a reload is refused exactly when the new component needs
+    /// more of some pool resource per connection than the pool was sized
+    /// for, naming each shortfall.
+    #[test]
+    fn a_reload_must_fit_the_pool() {
+        let counts = |core_instances, memories, tables| Counts {
+            core_instances,
+            memories,
+            tables,
+        };
+        let pool = counts(3, 1, 1);
+        assert_eq!(pool.excess(&pool), None);
+        assert_eq!(pool.excess(&counts(1, 0, 0)), None);
+        // A pool sized for a component without tables still has one per
+        // connection.
+        assert_eq!(counts(3, 1, 0).excess(&counts(3, 1, 1)), None);
+        assert_eq!(
+            pool.excess(&counts(4, 2, 1)).as_deref(),
+            Some(
+                "4 core instances (the pool has room for 3), 2 memories (the pool has room for 1)"
+            )
+        );
+        assert_eq!(
+            pool.excess(&counts(3, 1, 2)).as_deref(),
+            Some("2 tables (the pool has room for 1)")
+        );
     }
 }

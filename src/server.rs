@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::reload::Reloader;
 use crate::runtime::Runtime;
 use crate::stats::Stats;
 
@@ -76,7 +77,7 @@ fn listen(addr: SocketAddr, reuse_port: bool) -> Result<TcpListener> {
 /// A loaded handler plus the server-wide settings: everything needed to
 /// serve a listener.
 pub struct Server {
-    runtime: Arc<Runtime>,
+    handler: Reloader,
     stats: Arc<Stats>,
     max_connections: usize,
     shutdown_timeout: Duration,
@@ -93,12 +94,25 @@ impl Server {
             Some(dir) => Runtime::load_cached(&config.module, &limits, max_connections, &dir)?,
             None => Runtime::load(&config.module, &limits, max_connections)?,
         };
+        let stats = Arc::new(Stats::default());
         Ok(Server {
-            runtime: Arc::new(runtime),
-            stats: Arc::new(Stats::default()),
+            handler: Reloader::new(
+                runtime,
+                config.module.clone(),
+                config.cache_dir(),
+                stats.clone(),
+            ),
+            stats,
             max_connections,
             shutdown_timeout: config.shutdown_timeout,
         })
+    }
+
+    /// The handle that reloads the handler component for new connections
+    /// (the binary calls it on SIGHUP). Take it before [`Server::run`],
+    /// which consumes the server; it keeps working while the server runs.
+    pub fn reloader(&self) -> Reloader {
+        self.handler.clone()
     }
 
     /// The server's live counters, shared with its connection tasks.
@@ -183,8 +197,10 @@ impl Server {
             next_id += 1;
             // The permit moves into the task and is released when it ends,
             // whatever the handler did.
+            // The handler in service at accept time serves this connection
+            // to its end, whatever reloads happen meanwhile.
             connections.spawn(crate::connection::serve(
-                self.runtime.clone(),
+                self.handler.current(),
                 self.stats.clone(),
                 tcp,
                 id,

@@ -1,5 +1,5 @@
-//! In-process counters and gauges: connections open, live Stores, outcomes
-//! and limit breaches. Embedders and tests read them through [`Stats`];
+//! In-process counters and gauges: connections open, live Stores, outcomes,
+//! limit breaches and reloads. Embedders and tests read them through [`Stats`];
 //! `changed()` lets a test wait for an event instead of sleeping.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,6 +71,8 @@ pub struct Stats {
     high_water: AtomicU64,
     live_stores: AtomicU64,
     accept_errors: AtomicU64,
+    reloads: AtomicU64,
+    failed_reloads: AtomicU64,
     outcomes: [AtomicU64; OutcomeKind::ALL.len()],
     limits: [AtomicU64; LimitKind::ALL.len()],
     changed: Notify,
@@ -112,6 +114,16 @@ impl Stats {
     /// Accept calls that failed (each is retried or backed off).
     pub fn accept_errors(&self) -> u64 {
         self.accept_errors.load(Ordering::Relaxed)
+    }
+
+    /// Reloads of the handler that put a new component in service.
+    pub fn reloads(&self) -> u64 {
+        self.reloads.load(Ordering::Relaxed)
+    }
+
+    /// Reloads that were refused, leaving the previous component in service.
+    pub fn failed_reloads(&self) -> u64 {
+        self.failed_reloads.load(Ordering::Relaxed)
     }
 
     /// Connections that ended with `kind`.
@@ -156,12 +168,15 @@ impl Stats {
     /// A one-line summary for the shutdown log.
     pub fn summary(&self) -> String {
         let mut text = format!(
-            "accepted={} open={} peak_open={} live_stores={} accept_errors={}",
+            "accepted={} open={} peak_open={} live_stores={} accept_errors={} reloads={} \
+             failed_reloads={}",
             self.accepted(),
             self.open_connections(),
             self.peak_open_connections(),
             self.live_stores(),
-            self.accept_errors()
+            self.accept_errors(),
+            self.reloads(),
+            self.failed_reloads()
         );
         for kind in OutcomeKind::ALL {
             text.push_str(&format!(" {}={}", kind.name(), self.outcomes(kind)));
@@ -178,6 +193,17 @@ impl Stats {
 
     pub(crate) fn accept_error(&self) {
         self.bump(&self.accept_errors, 1);
+    }
+
+    pub(crate) fn reloaded(&self, ok: bool) {
+        self.bump(
+            if ok {
+                &self.reloads
+            } else {
+                &self.failed_reloads
+            },
+            1,
+        );
     }
 
     /// Count an accepted connection; the guard counts it closed when dropped.

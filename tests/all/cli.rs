@@ -1,7 +1,7 @@
 //! Bad input on the command line: one line on stderr naming the problem, a
 //! non-zero exit, and never a panic.
 
-use crate::util::{guest, run_binary};
+use crate::util::{guest, run_binary, tempdir};
 
 /// Run with `args`; assert a non-zero exit and exactly one stderr line
 /// containing every one of `needles`.
@@ -150,13 +150,4 @@ async fn help_and_version() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("wasm-sockserver 0.1.0"));
-}
-
-/// A fresh directory for this test's files.
-fn tempdir() -> std::path::PathBuf {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("wasm-sockserver-test-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }

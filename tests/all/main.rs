@@ -8,5 +8,6 @@ mod hostile;
 mod isolation;
 mod languages;
 mod limits;
+mod reload;
 mod streams;
 mod util;

@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
-use wasm_sockserver::{Config, OutcomeKind, Server, Stats};
+use wasm_sockserver::{Config, OutcomeKind, Reloader, Server, Stats};
 
 /// Generous bound for things that should take milliseconds: a failure here
 /// is a hang, not a slow machine.
@@ -37,6 +37,15 @@ pub fn guest(name: &str) -> PathBuf {
         .join(format!("{name}.wasm"));
     assert!(path.exists(), "no guest fixture {}", path.display());
     path
+}
+
+/// A fresh directory for this test's files.
+pub fn tempdir() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("wasm-sockserver-test-{}-{n}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 /// A config for fixture `name` with a small pool, so many test servers fit
@@ -65,6 +74,7 @@ pub fn test_cache() -> PathBuf {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub stats: Arc<Stats>,
+    pub reloader: Reloader,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -75,6 +85,7 @@ impl TestServer {
         let listener = wasm_sockserver::bind(config.listen).expect("bind");
         let addr = listener.local_addr().unwrap();
         let stats = server.stats();
+        let reloader = server.reloader();
         let (tx, rx) = oneshot::channel();
         let task = tokio::spawn(server.run(listener, async {
             let _ = rx.await;
@@ -82,6 +93,7 @@ impl TestServer {
         TestServer {
             addr,
             stats,
+            reloader,
             shutdown: Some(tx),
             task: Some(task),
         }
