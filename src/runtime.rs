@@ -71,7 +71,7 @@ impl Runtime {
         max_connections: usize,
         cache_dir: Option<&Path>,
     ) -> Result<Runtime> {
-        let checked = Checked::read(path, limits, cache_dir)?;
+        let checked = Checked::read(path, limits, cache_dir, None)?;
         let mut config = engine_config(limits);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(
             limits,
@@ -99,22 +99,15 @@ impl Runtime {
     /// stays valid for the connections that already use it.
     ///
     /// The new component is checked exactly as at start. It must also fit
-    /// the instance pool, which was sized from the first component's counts
-    /// when the server started: a component that needs more core instances,
-    /// memories or tables per connection is refused, and only a restart can
-    /// load it. Sharing the pool is what keeps a reload cheap: no second
+    /// the instance pool, whose memory and table slots were sized from the
+    /// first component's counts when the server started: a component that
+    /// needs more memories or tables per connection is refused, and only a
+    /// restart can load it. Sharing the pool is what keeps a reload cheap: no second
     /// pool's address space and memory mappings, and since live connections
     /// never exceed `--max-connections` whatever mix of old and new
     /// components they run, the pool never needs more slots.
     pub fn reload(&self, path: &Path, cache_dir: Option<&Path>) -> Result<Runtime> {
-        let checked = Checked::read(path, &self.limits, cache_dir)?;
-        if let Some(excess) = self.capacity.excess(&checked.counts) {
-            bail!(
-                "{} needs {excess} per connection, more than the running server's instance pool \
-                 was sized for from the component it started with: restart the server to load it",
-                path.display()
-            );
-        }
+        let checked = Checked::read(path, &self.limits, cache_dir, Some(&self.capacity))?;
         Ok(Runtime {
             engine: self.engine.clone(),
             pre: checked.pre_instantiate(&self.engine)?,
@@ -162,12 +155,19 @@ struct Checked {
 
 impl Checked {
     /// Read and check the component at `path`, and compile it (or take its
-    /// compiled code from `cache_dir`).
+    /// compiled code from `cache_dir`). On a reload, `pool` is what the
+    /// running server's instance pool holds per connection, and the
+    /// component must fit it.
     ///
     /// Every problem with the file (missing, not wasm, a core module, the
     /// wrong exports, memory beyond the limit) is an error with a one-line
     /// explanation.
-    fn read(path: &Path, limits: &Limits, cache_dir: Option<&Path>) -> Result<Checked> {
+    fn read(
+        path: &Path,
+        limits: &Limits,
+        cache_dir: Option<&Path>,
+        pool: Option<&Counts>,
+    ) -> Result<Checked> {
         let shown = path.display().to_string();
         let bytes = std::fs::read(path).with_context(|| format!("cannot read module {shown}"))?;
         if !wasmparser::Parser::is_component(&bytes) {
@@ -192,6 +192,9 @@ impl Checked {
             .with_context(|| format!("{shown} is not a valid component"))?;
         check_exports(&probe, &compiled, &shown)?;
         let counts = Counts::of(&compiled, &bytes, limits, &shown)?;
+        if let Some(pool) = pool {
+            pool.fits(&counts, &shown)?;
+        }
         Ok(Checked {
             shown,
             artifact,
@@ -257,10 +260,9 @@ fn memory_reservation(limits: &Limits) -> u64 {
     (limits.max_memory as u64).div_ceil(65536).max(1) * 65536
 }
 
-/// What one instance of the component takes from the pool.
+/// The pool slots one instance of the component takes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Counts {
-    core_instances: u32,
     memories: u32,
     tables: u32,
 }
@@ -270,8 +272,9 @@ impl Counts {
     /// `self` holds, described for an error message; `None` if it fits.
     fn excess(&self, next: &Counts) -> Option<String> {
         let mut over = Vec::new();
+        // Core instances are not compared: the pool admits as many per
+        // connection as one Store may create (see `pool_config`).
         for (what, has, needs) in [
-            ("core instances", self.core_instances, next.core_instances),
             ("memories", self.memories.max(1), next.memories),
             ("tables", self.tables.max(1), next.tables),
         ] {
@@ -280,6 +283,19 @@ impl Counts {
             }
         }
         (!over.is_empty()).then(|| over.join(", "))
+    }
+
+    /// Refuse a reload of a component that needs more per connection than
+    /// a pool sized for `self` holds.
+    fn fits(&self, next: &Counts, shown: &str) -> Result<()> {
+        if let Some(excess) = self.excess(next) {
+            bail!(
+                "{shown} needs {excess} per connection, more than the running server's instance \
+                 pool was sized for from the component it started with: restart the server to \
+                 load it"
+            );
+        }
+        Ok(())
     }
 
     fn of(component: &Component, bytes: &[u8], limits: &Limits, shown: &str) -> Result<Counts> {
@@ -328,7 +344,6 @@ impl Counts {
             "component resources per instance"
         );
         Ok(Counts {
-            core_instances,
             memories: required.num_memories,
             tables: required.num_tables,
         })
@@ -365,10 +380,14 @@ const KEEP_RESIDENT: usize = 256 * 1024;
 /// Size the pooling allocator for `max_connections` live instances.
 ///
 /// Every `total_*` defaults to 1000, which would fail connection 1001, so
-/// each is derived from the connection limit and the component's counts.
-/// Core instances get headroom (×2 + 2) for modules wasmtime itself adds,
-/// such as fused adapters between nested components; an unused slot costs
-/// only address space.
+/// each is derived from the connection limit. Memories and tables are slots
+/// with reserved address space, so they follow the component's own counts.
+/// Core instances are only a counter in wasmtime's pool (their metadata is
+/// allocated per instance), so they are sized for as many per connection as
+/// a Store may create, [`limits::MAX_INSTANCES`]: then neither the modules
+/// wasmtime adds itself (fused adapters between nested components) nor a
+/// reloaded handler built by another toolchain (a Python component has 14
+/// core instances, a Rust one 3) can run the pool out of them.
 fn pool_config(
     limits: &Limits,
     max_connections: usize,
@@ -379,7 +398,7 @@ fn pool_config(
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(n)
         .total_stacks(n)
-        .total_core_instances(times(counts.core_instances * 2 + 2))
+        .total_core_instances(times(limits::MAX_INSTANCES as u32))
         .total_memories(times(counts.memories))
         .total_tables(times(counts.tables))
         .max_memory_size(memory_reservation(limits) as usize)
@@ -507,30 +526,24 @@ mod tests {
     use super::Counts;
 
     /// Ensure a reload is refused exactly when the new component needs
-    /// more of some pool resource per connection than the pool was sized
-    /// for, naming each shortfall.
+    /// more memories or tables per connection than the pool was sized for,
+    /// naming each shortfall.
     #[test]
     fn a_reload_must_fit_the_pool() {
-        let counts = |core_instances, memories, tables| Counts {
-            core_instances,
-            memories,
-            tables,
-        };
-        let pool = counts(3, 1, 1);
+        let counts = |memories, tables| Counts { memories, tables };
+        let pool = counts(1, 2);
         assert_eq!(pool.excess(&pool), None);
-        assert_eq!(pool.excess(&counts(1, 0, 0)), None);
+        assert_eq!(pool.excess(&counts(0, 0)), None);
         // A pool sized for a component without tables still has one per
         // connection.
-        assert_eq!(counts(3, 1, 0).excess(&counts(3, 1, 1)), None);
+        assert_eq!(counts(1, 0).excess(&counts(1, 1)), None);
         assert_eq!(
-            pool.excess(&counts(4, 2, 1)).as_deref(),
-            Some(
-                "4 core instances (the pool has room for 3), 2 memories (the pool has room for 1)"
-            )
+            pool.excess(&counts(2, 3)).as_deref(),
+            Some("2 memories (the pool has room for 1), 3 tables (the pool has room for 2)")
         );
         assert_eq!(
-            pool.excess(&counts(3, 1, 2)).as_deref(),
-            Some("2 tables (the pool has room for 1)")
+            pool.excess(&counts(1, 3)).as_deref(),
+            Some("3 tables (the pool has room for 2)")
         );
     }
 }

@@ -196,9 +196,9 @@ impl Server {
             let id = next_id;
             next_id += 1;
             // The permit moves into the task and is released when it ends,
-            // whatever the handler did.
-            // The handler in service at accept time serves this connection
-            // to its end, whatever reloads happen meanwhile.
+            // whatever the handler did. The handler in service at accept
+            // time serves the connection to its end, whatever reloads
+            // happen meanwhile.
             connections.spawn(crate::connection::serve(
                 self.handler.current(),
                 self.stats.clone(),

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use wasm_sockserver::{Config, OutcomeKind};
 
-use crate::util::{TestServer, pattern, ping, root, roundtrip};
+use crate::util::{TestServer, guest, install, pattern, ping, root, roundtrip, tempdir};
 
 /// The path of `examples/build/NAME.wasm`, building every example (once per
 /// test run) with the same script a developer uses.
@@ -126,4 +126,38 @@ async fn c_echo() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn c_crash() {
     crash_is_isolated("c-crash", OutcomeKind::Trap).await;
+}
+
+/// Ensure a reload may change the handler's language, whatever the new
+/// toolchain's count of core instances per connection: the C echo has 4, a
+/// Rust handler 3, the Python echo 14, and the pool was sized at start from
+/// the first. Each new connection gets the component of the last reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_across_languages() {
+    let dir = tempdir();
+    let module = dir.join("handler.wasm");
+    install(&example("c-echo"), &module);
+    let server = TestServer::start(crate::util::config_for(module.clone())).await;
+    assert_eq!(
+        roundtrip(server.connect().await, b"from C").await,
+        b"from C"
+    );
+
+    install(&guest("connid"), &module);
+    assert_eq!(server.reloader.reload().await.unwrap(), 2);
+    let reply = String::from_utf8(roundtrip(server.connect().await, b"").await).unwrap();
+    assert!(reply.starts_with("2 127.0.0.1:"), "{reply:?}");
+
+    install(&example("python-echo"), &module);
+    assert_eq!(server.reloader.reload().await.unwrap(), 3);
+    let data = pattern(100_000, 3);
+    assert!(roundtrip(server.connect().await, &data).await == data);
+
+    server
+        .wait_for("three connections closed", |s| s.closed() == 3)
+        .await;
+    assert_eq!(server.stats.outcomes(OutcomeKind::Ok), 3);
+    assert_eq!(server.stats.reloads(), 2);
+    server.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -1,29 +1,15 @@
 //! Hot reload: a new build of the handler serves new connections while
 //! open ones finish on the old one, and a bad file changes nothing.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::net::TcpStream;
 
 use crate::util::{
-    Binary, PATIENCE, TestServer, config_for, guest, pattern, ping, roundtrip, tempdir,
+    Binary, PATIENCE, TestServer, config_for, guest, install, install_bytes, pattern, ping,
+    roundtrip, tempdir,
 };
-
-/// Put `from` in place at `to` the way a deploy should: write beside it,
-/// then rename, so a reload never reads half a file.
-fn install(from: &Path, to: &Path) {
-    let next = to.with_extension("next");
-    std::fs::copy(from, &next).unwrap();
-    std::fs::rename(&next, to).unwrap();
-}
-
-fn install_bytes(bytes: &[u8], to: &Path) {
-    let next = to.with_extension("next");
-    std::fs::write(&next, bytes).unwrap();
-    std::fs::rename(&next, to).unwrap();
-}
 
 /// Ensure SIGHUP makes the binary load `--module` again: a connection
 /// opened before it is still served by the old component, new connections

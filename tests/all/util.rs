@@ -48,6 +48,21 @@ pub fn tempdir() -> PathBuf {
     dir
 }
 
+/// Put `from` in place at `to` the way a deploy should: write beside it,
+/// then rename, so a reload never reads half a file.
+pub fn install(from: &Path, to: &Path) {
+    let next = to.with_extension("next");
+    std::fs::copy(from, &next).unwrap();
+    std::fs::rename(&next, to).unwrap();
+}
+
+/// [`install`] for bytes that are not a file yet.
+pub fn install_bytes(bytes: &[u8], to: &Path) {
+    let next = to.with_extension("next");
+    std::fs::write(&next, bytes).unwrap();
+    std::fs::rename(&next, to).unwrap();
+}
+
 /// A config for fixture `name` with a small pool, so many test servers fit
 /// in one process.
 pub fn config(name: &str) -> Config {
