@@ -32,6 +32,11 @@ pub struct Config {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7000")]
     pub listen: SocketAddr,
 
+    /// Serve the server's counters in Prometheus text format at
+    /// http://ADDR/metrics (off by default; bind it to a private address).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+
     /// Share the listening port with other processes that also pass this
     /// flag (SO_REUSEPORT): the kernel spreads new connections among them.
     /// For one server process per core, or to start a new build beside a

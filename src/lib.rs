@@ -18,6 +18,7 @@
 //! - [`limits`]: per-connection limits, the memory limiter and CPU meter;
 //! - [`guest_log`]: guest stdout/stderr as tagged log lines;
 //! - [`stats`]: counters and gauges for embedders and tests;
+//! - [`metrics`]: those counters over HTTP for Prometheus (`--metrics`);
 //! - [`trim`]: the host heap given back after a burst of connections;
 //! - [`cache`]: compiled components kept on disk between runs;
 //! - [`bindings`]: the host bindings generated from `wit/`.
@@ -41,6 +42,7 @@ pub mod connection;
 pub mod guest_log;
 pub mod hostcalls;
 pub mod limits;
+pub mod metrics;
 pub mod reload;
 pub mod runtime;
 pub mod server;

@@ -137,6 +137,18 @@ fn serve(config: Config) -> Result<()> {
         // signal that arrives after `listening on` must mean "shut down" or
         // "reload", never the default action of killing the process.
         let signals = Signals::install()?;
+        if let Some(addr) = config.metrics {
+            let metrics = wasm_sockserver::bind(addr).context("cannot serve metrics")?;
+            let bound = metrics
+                .local_addr()
+                .context("cannot read the metrics listener's address")?;
+            tracing::info!(addr = %bound, "metrics at http://{bound}/metrics");
+            tokio::spawn(wasm_sockserver::metrics::serve(
+                metrics,
+                server.stats(),
+                server.reloader(),
+            ));
+        }
         let mut hangup = signal(SignalKind::hangup()).context("cannot install a SIGHUP handler")?;
         let reloader = server.reloader();
         tokio::spawn(async move {

@@ -112,6 +112,26 @@ async fn address_in_use() {
     .await;
 }
 
+/// Ensure a metrics port already in use is refused before serving, and
+/// named as the metrics port.
+#[tokio::test]
+async fn metrics_address_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    refuses(
+        &[
+            "--module",
+            &module("echo"),
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            &addr,
+        ],
+        &["metrics", &addr, "in use"],
+    )
+    .await;
+}
+
 /// Ensure an unparsable listen address is refused.
 #[tokio::test]
 async fn invalid_address() {

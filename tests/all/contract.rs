@@ -50,12 +50,7 @@ async fn binary_serves_logs_and_stops() {
     assert!(closed.contains("client asked for failure"), "{closed}");
     assert!(closed.contains("bytes_in=4"), "{closed}");
 
-    server.signal(libc::SIGTERM);
-    let status = tokio::time::timeout(crate::util::PATIENCE, server.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    server.stop_cleanly().await;
 }
 
 /// Ensure shutdown waits for a live connection to finish: after SIGTERM

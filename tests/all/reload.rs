@@ -60,12 +60,7 @@ async fn sighup_swaps_the_module_for_new_connections() {
     let closed = server.log_line(&["connection closed", "conn=1 "]).await;
     assert!(closed.contains("generation=1"), "{closed}");
 
-    server.signal(libc::SIGTERM);
-    let status = tokio::time::timeout(PATIENCE, server.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    server.stop_cleanly().await;
     let _ = std::fs::remove_dir_all(dir);
 }
 

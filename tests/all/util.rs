@@ -321,6 +321,16 @@ impl Binary {
             .unwrap_or_else(|_| panic!("no log line with {needles:?}"))
     }
 
+    /// SIGTERM the server and assert that it exits 0 once drained.
+    pub async fn stop_cleanly(mut self) {
+        self.signal(libc::SIGTERM);
+        let status = tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("the server exits after SIGTERM")
+            .unwrap();
+        assert_eq!(status.code(), Some(0));
+    }
+
     /// Send a signal to the server process.
     pub fn signal(&self, signal: i32) {
         let pid = self.child.id().expect("running") as i32;
