@@ -4,11 +4,13 @@
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
 use clap::error::ErrorKind;
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio_util::sync::CancellationToken;
 use wasm_sockserver::{Config, Server};
 
 /// Keep glibc from giving its heap top back to the kernel after every large
@@ -126,7 +128,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 fn serve(config: Config) -> Result<()> {
     let runtime = runtime().context("failed to start the tokio runtime")?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let server = Server::new(&config)?;
         let listener = if config.reuse_port {
             wasm_sockserver::bind_reuse_port(config.listen)?
@@ -151,12 +153,22 @@ fn serve(config: Config) -> Result<()> {
         }
         let mut hangup = signal(SignalKind::hangup()).context("cannot install a SIGHUP handler")?;
         let reloader = server.reloader();
+        let stopping = CancellationToken::new();
+        let no_more_reloads = stopping.clone();
         tokio::spawn(async move {
             // Each SIGHUP reloads once; signals that arrive during a reload
             // are merged into one more reload after it, which reads the
-            // newest file. The outcome is logged either way.
-            while hangup.recv().await.is_some() {
-                let _ = reloader.reload().await;
+            // newest file. The outcome is logged either way. Reloads end
+            // when shutdown begins: a compile then would only delay the exit.
+            loop {
+                tokio::select! {
+                    () = no_more_reloads.cancelled() => return,
+                    got = hangup.recv() => if got.is_none() { return },
+                }
+                tokio::select! {
+                    () = no_more_reloads.cancelled() => return,
+                    _ = reloader.reload() => {}
+                }
             }
         });
         let addr = listener
@@ -166,8 +178,16 @@ fn serve(config: Config) -> Result<()> {
         writeln!(stdout, "listening on {addr}").context("cannot write to stdout")?;
         stdout.flush().context("cannot write to stdout")?;
         drop(stdout);
-        server.run(listener, signals.shutdown()).await
-    })
+        let shutdown = async move {
+            signals.shutdown().await;
+            stopping.cancel();
+        };
+        server.run(listener, shutdown).await
+    });
+    // A reload cut off by shutdown may still be compiling on a blocking
+    // thread: exit without waiting for it.
+    runtime.shutdown_timeout(Duration::ZERO);
+    result
 }
 
 /// SIGINT (Ctrl-C) and SIGTERM, registered up front.

@@ -17,8 +17,11 @@ use crate::stats::{OutcomeKind, Stats};
 /// waits in its backlog instead of taking descriptors from the server.
 const MAX_SCRAPES: usize = 8;
 
-/// How long a scraper may take to send its request and read the answer.
-/// A client that stalls is cut off; it can never hold a scrape slot.
+/// How long a scraper may take to send its request: a scraper sends it at
+/// once, so a client that connects and stalls gives its slot back soon.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long a whole exchange may take, reading the answer included.
 const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The most request bytes read: a request line and a few headers.
@@ -60,31 +63,44 @@ pub async fn serve(listener: TcpListener, stats: Arc<Stats>, handler: Reloader) 
 
 /// Read one request and answer it; any I/O error just ends the exchange.
 async fn answer(mut stream: TcpStream, stats: &Stats, handler: &Reloader) {
-    let mut request = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && !request.ends_with(b"\n\n") {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => request.extend_from_slice(&buf[..n]),
-        }
-        if request.len() > MAX_REQUEST {
-            let _ = stream
-                .write_all(&response("431 Request Header Fields Too Large", ""))
-                .await;
-            return;
-        }
-    }
+    let Ok(Some(request)) = tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await
+    else {
+        return;
+    };
     let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
     let mut words = line
         .split(|&b| b == b' ' || b == b'\r')
         .filter(|w| !w.is_empty());
-    let reply = match (words.next(), words.next()) {
+    let method = words.next();
+    // Prometheus appends a query string when a scrape config sets `params`.
+    let path = words
+        .next()
+        .and_then(|target| target.split(|&b| b == b'?').next());
+    let reply = match (method, path) {
+        _ if request.len() > MAX_REQUEST => response("431 Request Header Fields Too Large", ""),
         (Some(b"GET"), Some(b"/metrics")) => response("200 OK", &render(stats, handler)),
         (Some(b"GET"), Some(_)) => response("404 Not Found", "try /metrics\n"),
         _ => response("405 Method Not Allowed", "only GET /metrics\n"),
     };
     let _ = stream.write_all(&reply).await;
     let _ = stream.shutdown().await;
+}
+
+/// The request up to its blank line, or up to just past [`MAX_REQUEST`]
+/// bytes; `None` if the client closed or failed first.
+async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut request = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n")
+        && !request.ends_with(b"\n\n")
+        && request.len() <= MAX_REQUEST
+    {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some(request)
 }
 
 fn response(status: &str, body: &str) -> Vec<u8> {

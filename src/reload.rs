@@ -77,6 +77,9 @@ impl Reloader {
         let current = self.current();
         let shared = self.shared.clone();
         let module = shared.module.display().to_string();
+        // A large JavaScript or Python handler compiles for seconds: say so
+        // at once.
+        tracing::info!(%module, "reloading module");
         let loaded = tokio::task::spawn_blocking(move || {
             current.reload(&shared.module, shared.cache_dir.as_deref())
         })
@@ -87,11 +90,19 @@ impl Reloader {
         match loaded {
             Ok(next) => {
                 let generation = next.generation();
-                *self
-                    .shared
-                    .current
-                    .write()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(next);
+                let previous = std::mem::replace(
+                    &mut *self
+                        .shared
+                        .current
+                        .write()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                    Arc::new(next),
+                );
+                // If no connection still runs the previous generation, this
+                // is its last reference, and dropping it resets every pool
+                // slot that held its memory image: do that off the async
+                // threads (and, above, outside the lock accepts take).
+                tokio::task::spawn_blocking(move || drop(previous));
                 self.shared.stats.reloaded(true);
                 tracing::info!(%module, generation, ms, "module reloaded: new connections use it");
                 Ok(generation)

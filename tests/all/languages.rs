@@ -8,7 +8,9 @@ use std::sync::OnceLock;
 
 use wasm_sockserver::{Config, OutcomeKind};
 
-use crate::util::{TestServer, guest, install, pattern, ping, root, roundtrip, tempdir};
+use crate::util::{
+    Binary, PATIENCE, TestServer, guest, install, pattern, ping, root, roundtrip, tempdir,
+};
 
 /// The path of `examples/build/NAME.wasm`, building every example (once per
 /// test run) with the same script a developer uses.
@@ -131,13 +133,17 @@ async fn c_crash() {
 /// Ensure a reload may change the handler's language, whatever the new
 /// toolchain's count of core instances per connection: the C echo has 4, a
 /// Rust handler 3, the Python echo 14, and the pool was sized at start from
-/// the first. Each new connection gets the component of the last reload.
+/// the first. Each new connection gets the component of the last reload,
+/// and a full server of the Python echo fits the pool sized for the C one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_across_languages() {
+    const MAX: usize = 4;
     let dir = tempdir();
     let module = dir.join("handler.wasm");
     install(&example("c-echo"), &module);
-    let server = TestServer::start(crate::util::config_for(module.clone())).await;
+    let mut config = crate::util::config_for(module.clone());
+    config.max_connections = MAX as u32;
+    let server = TestServer::start(config).await;
     assert_eq!(
         roundtrip(server.connect().await, b"from C").await,
         b"from C"
@@ -150,14 +156,64 @@ async fn reload_across_languages() {
 
     install(&example("python-echo"), &module);
     assert_eq!(server.reloader.reload().await.unwrap(), 3);
-    let data = pattern(100_000, 3);
-    assert!(roundtrip(server.connect().await, &data).await == data);
+    server
+        .wait_for("the first two connections closed", |s| s.closed() == 2)
+        .await;
+    // --max-connections instances of the Python echo at once: 56 core
+    // instances, where a pool sized from the C echo's own count had 40.
+    let mut held = Vec::new();
+    for client in 0..MAX as u64 {
+        let mut stream = server.connect().await;
+        let msg = pattern(1000, client);
+        assert_eq!(ping(&mut stream, &msg).await, msg);
+        held.push(stream);
+    }
+    assert_eq!(server.stats.live_stores(), MAX as u64);
+    drop(held);
 
     server
-        .wait_for("three connections closed", |s| s.closed() == 3)
+        .wait_for("every connection closed", |s| s.closed() == 2 + MAX as u64)
         .await;
-    assert_eq!(server.stats.outcomes(OutcomeKind::Ok), 3);
+    assert_eq!(server.stats.outcomes(OutcomeKind::Ok), 2 + MAX as u64);
     assert_eq!(server.stats.reloads(), 2);
     server.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Ensure SIGTERM during a slow reload (the Python echo compiles for
+/// seconds) stops the server at once instead of waiting for the compile to
+/// finish, and that the abandoned reload never goes into service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_cuts_off_a_slow_reload() {
+    let dir = tempdir();
+    let module = dir.join("handler.wasm");
+    install(&guest("echo"), &module);
+    let path = module.to_str().unwrap();
+    let mut server =
+        Binary::start(&["--module", path, "--listen", "127.0.0.1:0", "--no-cache"]).await;
+    install(&example("python-echo"), &module);
+    server.signal(libc::SIGHUP);
+    server.log_line(&["reloading module"]).await;
+    let stopped = std::time::Instant::now();
+    server.signal(libc::SIGTERM);
+    let status = tokio::time::timeout(PATIENCE, server.child.wait())
+        .await
+        .expect("the server exits")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    // Compiling the Python echo takes 10–25 s on the 2-core machine.
+    assert!(
+        stopped.elapsed() < std::time::Duration::from_secs(5),
+        "exit took {:?}: it waited for the compile",
+        stopped.elapsed()
+    );
+    let mut rest = Vec::new();
+    while let Some(line) = server.stderr.recv().await {
+        rest.push(line);
+    }
+    assert!(
+        !rest.iter().any(|line| line.contains("module reloaded")),
+        "{rest:?}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
