@@ -8,9 +8,7 @@ use std::sync::OnceLock;
 
 use wasm_sockserver::{Config, OutcomeKind};
 
-use crate::util::{
-    Binary, PATIENCE, TestServer, guest, install, pattern, ping, root, roundtrip, tempdir,
-};
+use crate::util::{Binary, TestServer, guest, install, pattern, ping, root, roundtrip, stage};
 
 /// The path of `examples/build/NAME.wasm`, building every example (once per
 /// test run) with the same script a developer uses.
@@ -138,9 +136,7 @@ async fn c_crash() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_across_languages() {
     const MAX: usize = 4;
-    let dir = tempdir();
-    let module = dir.join("handler.wasm");
-    install(&example("c-echo"), &module);
+    let (dir, module) = stage(&example("c-echo"));
     let mut config = crate::util::config_for(module.clone());
     config.max_connections = MAX as u32;
     let server = TestServer::start(config).await;
@@ -185,9 +181,7 @@ async fn reload_across_languages() {
 /// finish, and that the abandoned reload never goes into service.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_cuts_off_a_slow_reload() {
-    let dir = tempdir();
-    let module = dir.join("handler.wasm");
-    install(&guest("echo"), &module);
+    let (dir, module) = stage(&guest("echo"));
     let path = module.to_str().unwrap();
     let mut server =
         Binary::start(&["--module", path, "--listen", "127.0.0.1:0", "--no-cache"]).await;
@@ -195,12 +189,7 @@ async fn shutdown_cuts_off_a_slow_reload() {
     server.signal(libc::SIGHUP);
     server.log_line(&["reloading module"]).await;
     let stopped = std::time::Instant::now();
-    server.signal(libc::SIGTERM);
-    let status = tokio::time::timeout(PATIENCE, server.child.wait())
-        .await
-        .expect("the server exits")
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    server.stop_cleanly().await;
     // Compiling the Python echo takes 10–25 s on the 2-core machine.
     assert!(
         stopped.elapsed() < std::time::Duration::from_secs(5),

@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 
 use crate::util::{
     Binary, PATIENCE, TestServer, config_for, guest, install, install_bytes, pattern, ping,
-    roundtrip, tempdir,
+    roundtrip, stage,
 };
 
 /// Ensure SIGHUP makes the binary load `--module` again: a connection
@@ -17,9 +17,7 @@ use crate::util::{
 /// last good component stays in service, and the process survives it all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_swaps_the_module_for_new_connections() {
-    let dir = tempdir();
-    let module = dir.join("handler.wasm");
-    install(&guest("echo"), &module);
+    let (dir, module) = stage(&guest("echo"));
     let mut server = Binary::start(&[
         "--module",
         module.to_str().unwrap(),
@@ -70,9 +68,7 @@ async fn sighup_swaps_the_module_for_new_connections() {
 /// connection ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_under_churn_lose_nothing() {
-    let dir = tempdir();
-    let module = dir.join("handler.wasm");
-    install(&guest("echo"), &module);
+    let (dir, module) = stage(&guest("echo"));
     let server = TestServer::start(config_for(module.clone())).await;
     let first = Arc::downgrade(&server.reloader.current());
 

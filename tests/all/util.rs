@@ -56,6 +56,16 @@ pub fn install(from: &Path, to: &Path) {
     std::fs::rename(&next, to).unwrap();
 }
 
+/// A fresh directory holding a copy of `from` as `handler.wasm`, for a
+/// server to load and a test to replace before a reload. Returns the
+/// directory and the module's path.
+pub fn stage(from: &Path) -> (PathBuf, PathBuf) {
+    let dir = tempdir();
+    let module = dir.join("handler.wasm");
+    install(from, &module);
+    (dir, module)
+}
+
 /// [`install`] for bytes that are not a file yet.
 pub fn install_bytes(bytes: &[u8], to: &Path) {
     let next = to.with_extension("next");
@@ -322,7 +332,7 @@ impl Binary {
     }
 
     /// SIGTERM the server and assert that it exits 0 once drained.
-    pub async fn stop_cleanly(mut self) {
+    pub async fn stop_cleanly(&mut self) {
         self.signal(libc::SIGTERM);
         let status = tokio::time::timeout(PATIENCE, self.child.wait())
             .await
