@@ -69,8 +69,8 @@ impl Reloader {
     /// threads (a large JavaScript component takes seconds), and give it to
     /// every connection accepted from then on. Returns the new generation.
     ///
-    /// Logs one line either way. On error the previous component stays in
-    /// service.
+    /// Logs `reloading module` at once and one line with the outcome. On
+    /// error the previous component stays in service.
     pub async fn reload(&self) -> Result<u64> {
         let _one_at_a_time = self.shared.busy.lock().await;
         let started = Instant::now();

@@ -71,7 +71,7 @@ impl Runtime {
         max_connections: usize,
         cache_dir: Option<&Path>,
     ) -> Result<Runtime> {
-        let checked = Checked::read(path, limits, cache_dir, None)?;
+        let checked = Checked::read(path, limits, cache_dir)?;
         let mut config = engine_config(limits);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool_config(
             limits,
@@ -102,12 +102,13 @@ impl Runtime {
     /// the instance pool, whose memory and table slots were sized from the
     /// first component's counts when the server started: a component that
     /// needs more memories or tables per connection is refused, and only a
-    /// restart can load it. Sharing the pool is what keeps a reload cheap: no second
-    /// pool's address space and memory mappings, and since live connections
-    /// never exceed `--max-connections` whatever mix of old and new
-    /// components they run, the pool never needs more slots.
+    /// restart can load it. Sharing the pool is what keeps a reload cheap:
+    /// no second pool's address space and memory mappings; and since live
+    /// connections never exceed `--max-connections`, whatever mix of old
+    /// and new components they run, the pool never needs more slots.
     pub fn reload(&self, path: &Path, cache_dir: Option<&Path>) -> Result<Runtime> {
-        let checked = Checked::read(path, &self.limits, cache_dir, Some(&self.capacity))?;
+        let checked = Checked::read(path, &self.limits, cache_dir)?;
+        self.capacity.fits(&checked.counts, &checked.shown)?;
         Ok(Runtime {
             engine: self.engine.clone(),
             pre: checked.pre_instantiate(&self.engine)?,
@@ -155,19 +156,12 @@ struct Checked {
 
 impl Checked {
     /// Read and check the component at `path`, and compile it (or take its
-    /// compiled code from `cache_dir`). On a reload, `pool` is what the
-    /// running server's instance pool holds per connection, and the
-    /// component must fit it.
+    /// compiled code from `cache_dir`).
     ///
     /// Every problem with the file (missing, not wasm, a core module, the
     /// wrong exports, memory beyond the limit) is an error with a one-line
     /// explanation.
-    fn read(
-        path: &Path,
-        limits: &Limits,
-        cache_dir: Option<&Path>,
-        pool: Option<&Counts>,
-    ) -> Result<Checked> {
+    fn read(path: &Path, limits: &Limits, cache_dir: Option<&Path>) -> Result<Checked> {
         let shown = path.display().to_string();
         let bytes = std::fs::read(path).with_context(|| format!("cannot read module {shown}"))?;
         if !wasmparser::Parser::is_component(&bytes) {
@@ -192,9 +186,6 @@ impl Checked {
             .with_context(|| format!("{shown} is not a valid component"))?;
         check_exports(&probe, &compiled, &shown)?;
         let counts = Counts::of(&compiled, &bytes, limits, &shown)?;
-        if let Some(pool) = pool {
-            pool.fits(&counts, &shown)?;
-        }
         Ok(Checked {
             shown,
             artifact,
