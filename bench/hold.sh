@@ -95,14 +95,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
-rss_sum() {
-  local pid total=0 kb
+# status_sum FIELD PID...: a /proc/PID/status field (kB) summed over PIDs.
+status_sum() {
+  local field=$1 pid total=0 kb
+  shift
   for pid in "$@"; do
-    kb=$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+    kb=$(awk -v f="$field:" '$1 == f {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
     total=$((total + ${kb:-0}))
   done
   echo "$total"
 }
+rss_sum() { status_sum VmRSS "$@"; }
+# Page tables are not in RSS; a sandbox's slots each touch their own.
+pte_sum() { status_sum VmPTE "$@"; }
 
 # wait_listening FILE PID: the server's `listening on` address.
 wait_listening() {
@@ -145,6 +150,7 @@ for kind in $kinds; do
   done
   port=${addr##*:}
   rss_before=$(rss_sum "${servers[@]}")
+  pte_before=$(pte_sum "${servers[@]}")
 
   lg_pids=()
   for i in $(seq 1 "$lgs"); do
@@ -157,7 +163,7 @@ for kind in $kinds; do
   done
   # Sample until every load generator is done: the peak of server-side
   # ESTABLISHED sockets, and the servers' RSS when it was reached.
-  peak=0 rss_peak=$rss_before
+  peak=0 rss_peak=$rss_before pte_peak=$pte_before
   while :; do
     running=0
     for pid in "${lg_pids[@]}"; do kill -0 "$pid" 2>/dev/null && running=1; done
@@ -166,9 +172,11 @@ for kind in $kinds; do
     if [ "$est" -gt "$peak" ]; then
       peak=$est
       rss_peak=$(rss_sum "${servers[@]}")
+      pte_peak=$(pte_sum "${servers[@]}")
     elif [ "$est" -eq "$peak" ] && [ "$est" -gt 0 ]; then
       # Instances settle after their sockets are counted: take the later RSS.
       rss_peak=$(rss_sum "${servers[@]}")
+      pte_peak=$(pte_sum "${servers[@]}")
     fi
     sleep 0.5
   done
@@ -182,11 +190,11 @@ for kind in $kinds; do
   done
 
   row=$(python3 - "$kind" "$conns" "$procs" "$lgs" "$peak" "$rss_before" "$rss_peak" \
-        "$lg_rc" "$work"/"$kind"-lg-*.json <<'EOF'
+        "$pte_before" "$pte_peak" "$lg_rc" "$work"/"$kind"-lg-*.json <<'EOF'
 import json, sys
-kind, conns, procs, lgs, peak, before, at_peak, lg_rc = sys.argv[1:9]
+kind, conns, procs, lgs, peak, before, at_peak, pte_before, pte_peak, lg_rc = sys.argv[1:11]
 runs = []
-for path in sys.argv[9:]:
+for path in sys.argv[11:]:
     with open(path) as f:
         runs += [json.loads(l) for l in f if l.startswith("{")]
 est = sum(r.get("conns", 0) for r in runs)
@@ -195,9 +203,10 @@ errors = sum(r.get("errors", 0) for r in runs)
 setup = max((r.get("setup_s", 0) for r in runs), default=0)
 ok = len(runs) == int(lgs) and lg_rc == "0" and est == alive == int(conns) == int(peak) and errors == 0
 per = (int(at_peak) - int(before)) / int(peak) if int(peak) else 0
+pte = (int(pte_peak) - int(pte_before)) / int(peak) if int(peak) else 0
 print(f"| {kind} | {procs} | {int(conns):,} | {int(peak):,} | {alive:,} | {errors} | "
       f"{setup:.1f} s | {int(before) / 1024:.0f} MiB | {int(at_peak) / 1024:.0f} MiB | {per:.1f} KiB | "
-      f"{'yes' if ok else 'NO'} |")
+      f"{pte:.1f} KiB | {'yes' if ok else 'NO'} |")
 EOF
 )
   rows+=("$row")
@@ -215,8 +224,8 @@ mkdir -p "$(dirname "$out")"
   echo "$sources source addresses, settle $settle; open-file limit $nofile per process,"
   echo "vm.max_map_count $max_map_count."
   echo
-  echo "| server | processes | connections | peak ESTABLISHED (server side) | answered again after the hold | client errors | slowest set-up | RSS before (all processes) | RSS held | RSS per connection | all held at once |"
-  echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
+  echo "| server | processes | connections | peak ESTABLISHED (server side) | answered again after the hold | client errors | slowest set-up | RSS before (all processes) | RSS held | RSS per connection | page tables per connection (VmPTE, not in RSS) | all held at once |"
+  echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|"
   printf '%s\n' "${rows[@]}"
 } >"$out"
 cat "$out"

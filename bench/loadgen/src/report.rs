@@ -147,6 +147,16 @@ const IDLE: &[Metric] = &[
     m("rss_per_conn_kb", "server RSS per connection (KiB)", Lower),
     m("rss_before_kb", "server RSS before (KiB)", Lower),
     m("rss_after_kb", "server RSS with all held (KiB)", Lower),
+    m(
+        "pte_per_conn_kb",
+        "server page tables per connection (KiB; VmPTE, not in RSS)",
+        Lower,
+    ),
+    m(
+        "mem_per_conn_kb",
+        "RSS + page tables per connection (KiB)",
+        Lower,
+    ),
     m("maps_per_conn", "memory mappings per connection", NoRatio),
     m("conns_per_s", "connections/s while opening", Higher),
     m("p50_us", "connect + echo p50 (µs)", Lower),
@@ -290,7 +300,8 @@ fn section(test: &str) -> Section {
                 format!(
                     "Open {n} connections (one 64 B echo each, from several 127.0.0.x source \
                      addresses), hold them, read the server's VmRSS; RSS per connection is the \
-                     VmRSS delta / N. Then every held connection must echo once more."
+                     VmRSS delta / N; page tables (VmPTE) are \
+                     counted the same way. Then every held connection must echo once more."
                 ),
                 IDLE,
             )

@@ -74,6 +74,13 @@ pub fn rss_kb(pid: u32) -> Result<u64> {
     status_kb(pid, "VmRSS")
 }
 
+/// Size of `pid`'s page tables, in kB. Not part of RSS, but memory the
+/// kernel spends on the process all the same: a sandbox's slots are spread
+/// over the address space, so each touches page-table pages of its own.
+pub fn page_tables_kb(pid: u32) -> Result<u64> {
+    status_kb(pid, "VmPTE")
+}
+
 /// Number of memory mappings of `pid` (what vm.max_map_count bounds).
 pub fn map_count(pid: u32) -> Result<u64> {
     let maps = fs::read_to_string(format!("/proc/{pid}/maps"))

@@ -497,6 +497,7 @@ pub async fn idle(args: IdleArgs) -> Result<Value> {
     let pid = target.pid;
     let rss_before = pid.map(sys::rss_kb).transpose()?;
     let maps_before = pid.map(sys::map_count).transpose()?;
+    let pte_before = pid.map(sys::page_tables_kb).transpose()?;
     let cpu_before = pid.map(sys::cpu_seconds).transpose()?;
     let started = Instant::now();
 
@@ -563,6 +564,7 @@ pub async fn idle(args: IdleArgs) -> Result<Value> {
     tokio::time::sleep(args.settle).await;
     let rss_after = pid.map(sys::rss_kb).transpose()?;
     let maps_after = pid.map(sys::map_count).transpose()?;
+    let pte_after = pid.map(sys::page_tables_kb).transpose()?;
 
     // Every held connection must still answer.
     let gate = Arc::new(Semaphore::new(args.concurrency.max(1)));
@@ -628,6 +630,23 @@ pub async fn idle(args: IdleArgs) -> Result<Value> {
         "rss_per_conn_kb".into(),
         match delta_kb {
             Some(d) if established > 0 => json!(round3(d / established as f64)),
+            _ => Value::Null,
+        },
+    );
+    let pte_delta_kb = pte_before.zip(pte_after).map(|(b, a)| a as f64 - b as f64);
+    out.insert("pte_before_kb".into(), json!(pte_before));
+    out.insert("pte_after_kb".into(), json!(pte_after));
+    out.insert(
+        "pte_per_conn_kb".into(),
+        match pte_delta_kb {
+            Some(d) if established > 0 => json!(round3(d / established as f64)),
+            _ => Value::Null,
+        },
+    );
+    out.insert(
+        "mem_per_conn_kb".into(),
+        match delta_kb.zip(pte_delta_kb) {
+            Some((r, p)) if established > 0 => json!(round3((r + p) / established as f64)),
             _ => Value::Null,
         },
     );
