@@ -13,9 +13,9 @@ use wasm_sockserver::{Config, OutcomeKind, Server};
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .init();
+    // The binary's log sink: a stalled reader of stderr never stalls the
+    // server. Kept until the end of main, so queued lines are flushed.
+    let logging = wasm_sockserver::logging::init();
     let mut args = std::env::args().skip(1);
     let module = args.next().context("usage: embed MODULE.wasm [ADDR]")?;
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:0".into());
@@ -25,6 +25,7 @@ async fn main() -> Result<()> {
     config.idle_timeout = Duration::from_secs(60);
     let server = Server::new(&config)?;
     let stats = server.stats();
+    tokio::spawn(logging.report_drops(stats.clone()));
     let listener = wasm_sockserver::bind(addr.parse().context("invalid address")?)?;
     println!("listening on {}", listener.local_addr()?);
 

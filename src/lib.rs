@@ -18,6 +18,7 @@
 //! - [`limits`]: per-connection limits, the memory limiter and CPU meter;
 //! - [`guest_log`]: guest stdout/stderr as tagged log lines;
 //! - [`stats`]: counters and gauges for embedders and tests;
+//! - [`logging`]: log lines to stderr off the serving threads;
 //! - [`metrics`]: those counters over HTTP for Prometheus (`--metrics`);
 //! - [`trim`]: the host heap given back after a burst of connections;
 //! - [`cache`]: compiled components kept on disk between runs;
@@ -42,6 +43,7 @@ pub mod connection;
 pub mod guest_log;
 pub mod hostcalls;
 pub mod limits;
+pub mod logging;
 pub mod metrics;
 pub mod reload;
 pub mod runtime;

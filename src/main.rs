@@ -2,7 +2,7 @@
 //! load the handler, bind, print the address, and serve until a signal
 //! (SIGINT or SIGTERM stop it, SIGHUP reloads the handler).
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -11,6 +11,7 @@ use clap::Parser;
 use clap::error::ErrorKind;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
+use wasm_sockserver::logging::Logging;
 use wasm_sockserver::{Config, Server};
 
 /// Keep glibc from giving its heap top back to the kernel after every large
@@ -81,13 +82,7 @@ fn main() -> ExitCode {
         }
     };
 
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let logging = wasm_sockserver::logging::init();
 
     if let Some(limit) = raise_open_file_limit() {
         let needed = u64::from(config.max_connections) + SPARE_DESCRIPTORS;
@@ -101,7 +96,10 @@ fn main() -> ExitCode {
         }
     }
 
-    match serve(config) {
+    let result = serve(config, &logging);
+    // Write out the queued log lines first, so they come before the error.
+    drop(logging);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", one_line(&format!("{e:#}")));
@@ -126,10 +124,11 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
-fn serve(config: Config) -> Result<()> {
+fn serve(config: Config, logging: &Logging) -> Result<()> {
     let runtime = runtime().context("failed to start the tokio runtime")?;
     let result = runtime.block_on(async {
         let server = Server::new(&config)?;
+        tokio::spawn(logging.report_drops(server.stats()));
         let listener = if config.reuse_port {
             wasm_sockserver::bind_reuse_port(config.listen)?
         } else {
@@ -221,7 +220,7 @@ impl Signals {
         tokio::spawn(async move {
             self.next().await;
             tracing::warn!("second signal: exiting without draining");
-            std::process::exit(130);
+            wasm_sockserver::logging::exit(130);
         });
     }
 }

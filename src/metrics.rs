@@ -196,6 +196,12 @@ pub fn render(stats: &Stats, handler: &Reloader) -> String {
             one(stats.failed_reloads()),
         ),
         (
+            "log_lines_dropped_total",
+            "counter",
+            "Log lines dropped because stderr did not keep up.",
+            one(stats.dropped_log_lines()),
+        ),
+        (
             "epoch_checkins_total",
             "counter",
             "Times a running guest stopped at an epoch tick (CPU check, yield) since start.",

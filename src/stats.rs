@@ -73,6 +73,7 @@ pub struct Stats {
     accept_errors: AtomicU64,
     reloads: AtomicU64,
     failed_reloads: AtomicU64,
+    log_lines_dropped: AtomicU64,
     outcomes: [AtomicU64; OutcomeKind::ALL.len()],
     limits: [AtomicU64; LimitKind::ALL.len()],
     changed: Notify,
@@ -126,6 +127,13 @@ impl Stats {
         self.failed_reloads.load(Ordering::Relaxed)
     }
 
+    /// Log lines dropped because stderr did not keep up (see
+    /// [`crate::logging`]); counted by the binary's log sink, so always 0
+    /// for an embedder that logs its own way.
+    pub fn dropped_log_lines(&self) -> u64 {
+        self.log_lines_dropped.load(Ordering::Relaxed)
+    }
+
     /// Connections that ended with `kind`.
     pub fn outcomes(&self, kind: OutcomeKind) -> u64 {
         self.outcomes[kind.index()].load(Ordering::Relaxed)
@@ -169,14 +177,15 @@ impl Stats {
     pub fn summary(&self) -> String {
         let mut text = format!(
             "accepted={} open={} peak_open={} live_stores={} accept_errors={} reloads={} \
-             failed_reloads={}",
+             failed_reloads={} log_lines_dropped={}",
             self.accepted(),
             self.open_connections(),
             self.peak_open_connections(),
             self.live_stores(),
             self.accept_errors(),
             self.reloads(),
-            self.failed_reloads()
+            self.failed_reloads(),
+            self.dropped_log_lines()
         );
         for kind in OutcomeKind::ALL {
             text.push_str(&format!(" {}={}", kind.name(), self.outcomes(kind)));
@@ -193,6 +202,10 @@ impl Stats {
 
     pub(crate) fn accept_error(&self) {
         self.bump(&self.accept_errors, 1);
+    }
+
+    pub(crate) fn log_lines_dropped(&self, lines: u64) {
+        self.bump(&self.log_lines_dropped, lines as i64);
     }
 
     pub(crate) fn reloaded(&self, ok: bool) {

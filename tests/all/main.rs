@@ -8,6 +8,7 @@ mod hostile;
 mod isolation;
 mod languages;
 mod limits;
+mod logging;
 mod metrics;
 mod reload;
 mod streams;

@@ -282,6 +282,18 @@ impl Binary {
     }
 
     pub async fn start_with(cmd: &mut Command) -> Binary {
+        Binary::spawn(cmd, None).await
+    }
+
+    /// Like [`Binary::start_with`], but nothing reads the server's stderr
+    /// until the returned sender is used (or dropped): a log reader that
+    /// stalls.
+    pub async fn start_stalled(cmd: &mut Command) -> (Binary, tokio::sync::oneshot::Sender<()>) {
+        let (open, gate) = tokio::sync::oneshot::channel();
+        (Binary::spawn(cmd, Some(gate)).await, open)
+    }
+
+    async fn spawn(cmd: &mut Command, gate: Option<tokio::sync::oneshot::Receiver<()>>) -> Binary {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -302,6 +314,9 @@ impl Binary {
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let (tx, stderr) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
+            if let Some(gate) = gate {
+                let _ = gate.await;
+            }
             while let Ok(Some(line)) = lines.next_line().await {
                 if tx.send(line).is_err() {
                     break;

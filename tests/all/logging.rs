@@ -1,0 +1,77 @@
+//! The log sink: a reader of stderr that stalls never stalls the server;
+//! the lines it could not take are dropped, counted and reported.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::util::{Binary, binary, field, guest};
+
+/// Connections served while nothing reads stderr. Each logs four lines
+/// (the handler's three and the close line), 12,000 in all: more than the
+/// queue (`logging::QUEUE_LINES`) and a pipe's 64 KiB hold together.
+const CONNECTIONS: usize = 3000;
+
+/// Clients at once.
+const CLIENTS: usize = 8;
+
+/// Longest any one connection may take. With log lines written from the
+/// serving threads, the server stops answering once the pipe is full (after
+/// about 400 lines), so a connection then waits forever.
+const PER_CONNECTION: Duration = Duration::from_secs(10);
+
+/// Ensure every connection is served while stderr is not read at all, and
+/// that once it is read again the server reports how many lines it dropped
+/// (a warning, and the shutdown summary).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_log_reader_stalls_nothing() {
+    let module = guest("connid");
+    let mut cmd = binary();
+    cmd.args([
+        "--module",
+        module.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    let (mut server, unstall) = Binary::start_stalled(&mut cmd).await;
+    let addr = server.addr;
+
+    let mut clients = Vec::new();
+    for client in 0..CLIENTS {
+        clients.push(tokio::spawn(async move {
+            for n in (client..CONNECTIONS).step_by(CLIENTS) {
+                tokio::time::timeout(PER_CONNECTION, one_connection(addr))
+                    .await
+                    .unwrap_or_else(|_| panic!("connection {n} not served in time"));
+            }
+        }));
+    }
+    for client in clients {
+        client.await.unwrap();
+    }
+
+    unstall.send(()).unwrap();
+    let warning = server
+        .log_line(&["log lines dropped: stderr did not keep up"])
+        .await;
+    let reported = field(&warning, "total");
+    assert!(reported >= 1.0, "{warning}");
+    // The server keeps logging normally afterwards.
+    one_connection(addr).await;
+    server.log_line(&["connection closed"]).await;
+    let summary = server.stop().await;
+    assert!(
+        field(&summary, "log_lines_dropped") >= reported,
+        "{summary}"
+    );
+}
+
+/// Connect, read the handler's first line, half-close, read to its close.
+async fn one_connection(addr: std::net::SocketAddr) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.shutdown().await.unwrap();
+    let mut reply = Vec::new();
+    stream.read_to_end(&mut reply).await.unwrap();
+    assert!(reply.ends_with(b"\n"), "{reply:?}");
+}
