@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::util::{Binary, binary, field, guest};
+use crate::util::{Binary, field, fixture_command};
 
 /// Connections served while nothing reads stderr. Each logs four lines
 /// (the handler's three and the close line), 12,000 in all: more than the
@@ -26,15 +26,7 @@ const PER_CONNECTION: Duration = Duration::from_secs(10);
 /// (a warning, and the shutdown summary).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_log_reader_stalls_nothing() {
-    let module = guest("connid");
-    let mut cmd = binary();
-    cmd.args([
-        "--module",
-        module.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-    ]);
-    let (mut server, unstall) = Binary::start_stalled(&mut cmd).await;
+    let (mut server, unstall) = Binary::start_stalled(&mut fixture_command("connid", &[])).await;
     let addr = server.addr;
 
     let mut clients = Vec::new();

@@ -226,6 +226,21 @@ pub struct Binary {
     pub stderr: tokio::sync::mpsc::UnboundedReceiver<String>,
 }
 
+/// The binary's command line for serving guest fixture `fixture` on
+/// 127.0.0.1:0, with `extra` flags.
+pub fn fixture_command(fixture: &str, extra: &[&str]) -> Command {
+    let module = guest(fixture);
+    let mut cmd = binary();
+    cmd.args([
+        "--module",
+        module.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    cmd.args(extra);
+    cmd
+}
+
 pub fn binary() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_wasm-sockserver"));
     cmd.env("XDG_CACHE_HOME", root().join("target/test-xdg-cache"))
@@ -240,15 +255,7 @@ impl Binary {
     /// Start the binary serving guest fixture `fixture` on 127.0.0.1:0,
     /// with `extra` flags.
     pub async fn fixture(fixture: &str, extra: &[&str]) -> Binary {
-        let module = guest(fixture);
-        let mut args = vec![
-            "--module",
-            module.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ];
-        args.extend_from_slice(extra);
-        Binary::start(&args).await
+        Binary::start_with(&mut fixture_command(fixture, extra)).await
     }
 
     /// Like [`Binary::fixture`], with `setup` run in the child just before
@@ -262,15 +269,7 @@ impl Binary {
         extra: &[&str],
         setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
     ) -> Binary {
-        let module = guest(fixture);
-        let mut cmd = binary();
-        cmd.args([
-            "--module",
-            module.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ]);
-        cmd.args(extra);
+        let mut cmd = fixture_command(fixture, extra);
         // SAFETY: the caller promises `setup` is async-signal-safe.
         unsafe { cmd.pre_exec(setup) };
         Binary::start_with(&mut cmd).await

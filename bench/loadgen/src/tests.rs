@@ -609,7 +609,6 @@ pub async fn idle(args: IdleArgs) -> Result<Value> {
     }
     merged.add(w);
 
-    let delta_kb = rss_before.zip(rss_after).map(|(b, a)| a as f64 - b as f64);
     let cpu_setup = cpu_before.zip(cpu_after_setup).map(|(b, a)| a - b);
     out.insert("conns".into(), json!(established));
     out.insert("not_attempted".into(), json!(not_attempted));
@@ -624,42 +623,31 @@ pub async fn idle(args: IdleArgs) -> Result<Value> {
         "conns_per_s".into(),
         json!(round3(established as f64 / setup.as_secs_f64())),
     );
+    // Growth per established connection, when both readings exist.
+    let per_conn = |growth: Option<f64>| match growth {
+        Some(g) if established > 0 => json!(round3(g / established as f64)),
+        _ => Value::Null,
+    };
+    let growth = |before: Option<u64>, after: Option<u64>| {
+        before.zip(after).map(|(b, a)| a as f64 - b as f64)
+    };
+    let delta_kb = growth(rss_before, rss_after);
+    let pte_delta_kb = growth(pte_before, pte_after);
     out.insert("rss_before_kb".into(), json!(rss_before));
     out.insert("rss_after_kb".into(), json!(rss_after));
-    out.insert(
-        "rss_per_conn_kb".into(),
-        match delta_kb {
-            Some(d) if established > 0 => json!(round3(d / established as f64)),
-            _ => Value::Null,
-        },
-    );
-    let pte_delta_kb = pte_before.zip(pte_after).map(|(b, a)| a as f64 - b as f64);
+    out.insert("rss_per_conn_kb".into(), per_conn(delta_kb));
     out.insert("pte_before_kb".into(), json!(pte_before));
     out.insert("pte_after_kb".into(), json!(pte_after));
-    out.insert(
-        "pte_per_conn_kb".into(),
-        match pte_delta_kb {
-            Some(d) if established > 0 => json!(round3(d / established as f64)),
-            _ => Value::Null,
-        },
-    );
+    out.insert("pte_per_conn_kb".into(), per_conn(pte_delta_kb));
     out.insert(
         "mem_per_conn_kb".into(),
-        match delta_kb.zip(pte_delta_kb) {
-            Some((r, p)) if established > 0 => json!(round3((r + p) / established as f64)),
-            _ => Value::Null,
-        },
+        per_conn(delta_kb.zip(pte_delta_kb).map(|(r, p)| r + p)),
     );
     out.insert("maps_before".into(), json!(maps_before));
     out.insert("maps_after".into(), json!(maps_after));
     out.insert(
         "maps_per_conn".into(),
-        match maps_before.zip(maps_after) {
-            Some((b, a)) if established > 0 => {
-                json!(round3((a as f64 - b as f64) / established as f64))
-            }
-            _ => Value::Null,
-        },
+        per_conn(growth(maps_before, maps_after)),
     );
     out.insert("cpu_s".into(), json!(cpu_setup.map(round3)));
     out.insert(
