@@ -14,8 +14,8 @@ use wasm_sockserver::{Config, OutcomeKind, Server};
 #[tokio::main]
 async fn main() -> Result<()> {
     // The binary's log sink: a stalled reader of stderr never stalls the
-    // server. Kept until the end of main, so queued lines are flushed.
-    let logging = wasm_sockserver::logging::init();
+    // server.
+    wasm_sockserver::logging::init();
     let mut args = std::env::args().skip(1);
     let module = args.next().context("usage: embed MODULE.wasm [ADDR]")?;
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:0".into());
@@ -25,7 +25,7 @@ async fn main() -> Result<()> {
     config.idle_timeout = Duration::from_secs(60);
     let server = Server::new(&config)?;
     let stats = server.stats();
-    tokio::spawn(logging.report_drops(stats.clone()));
+    tokio::spawn(wasm_sockserver::logging::report_drops());
     let listener = wasm_sockserver::bind(addr.parse().context("invalid address")?)?;
     println!("listening on {}", listener.local_addr()?);
 
@@ -39,5 +39,6 @@ async fn main() -> Result<()> {
     for kind in OutcomeKind::ALL {
         println!("  {:>12}: {}", kind.name(), stats.outcomes(kind));
     }
+    wasm_sockserver::logging::flush();
     Ok(())
 }

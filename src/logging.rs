@@ -9,13 +9,16 @@
 //! and with it every connection that worker serves. Here a full queue drops
 //! lines instead, and counts them; Erlang's logger sheds load the same way.
 
-use std::io::{BufWriter, IsTerminal};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::fs::File;
+use std::io::{IsTerminal, Write};
+use std::mem::ManuallyDrop;
+use std::os::fd::FromRawFd;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::time::{Duration, Instant};
 
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
-
-use crate::stats::Stats;
+use tracing_subscriber::fmt::MakeWriter;
 
 /// Lines the queue holds before it drops. About 200 bytes each for a
 /// connection's close line, so about 1.6 MB; guest lines are capped at
@@ -23,103 +26,219 @@ use crate::stats::Stats;
 /// second, each logging its close line, it covers 0.4 s of stalled stderr.
 pub const QUEUE_LINES: usize = 8192;
 
-/// Bytes the writer thread gathers before a `write` to stderr. It writes
+/// Bytes the writer thread gathers into one `write` to stderr. It writes
 /// whenever the queue runs empty, so lines are not held back; under load it
 /// writes many lines per system call.
-const WRITE_BUFFER: usize = 64 * 1024;
+const BATCH: usize = 64 * 1024;
+
+/// After each write, the writer thread sleeps this long before it looks at
+/// the queue again, so that under load it wakes about a thousand times a
+/// second and writes what gathered, instead of being woken (and taking the
+/// CPU from a serving thread) for every line. An idle server's writer
+/// sleeps in the queue and costs nothing.
+const LINGER: Duration = Duration::from_millis(1);
+
+/// How long a flush at exit waits for a stalled stderr before giving up.
+const FLUSH_WAIT: Duration = Duration::from_secs(1);
 
 /// How often dropped lines are looked for and reported.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
-/// The writer thread's guard, dropped to flush the queue at exit. Global so
-/// that [`exit`] can flush it on the way out of any code path.
-static GUARD: Mutex<Option<WorkerGuard>> = Mutex::new(None);
-
-/// Keeps the log sink alive; dropping it flushes what is queued (waiting at
-/// most about a second for a stalled stderr).
-pub struct Logging {
-    dropped: ErrorCounter,
+enum Msg {
+    Line(Vec<u8>),
+    /// Write out everything queued before this, then answer.
+    Flush(SyncSender<()>),
 }
 
-impl Drop for Logging {
-    fn drop(&mut self) {
-        flush();
-    }
+/// The process's one log queue: [`init`] creates it.
+static QUEUE: OnceLock<Queue> = OnceLock::new();
+
+/// Lines dropped: the queue was full, or stderr refused them.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// The sending side, handed to the `fmt` subscriber as its writer.
+struct Queue {
+    tx: SyncSender<Msg>,
+    /// Lines queued and not yet taken by the writer thread.
+    queued: AtomicUsize,
 }
 
-impl Logging {
-    /// Lines dropped so far because the queue was full.
-    pub fn dropped_lines(&self) -> u64 {
-        self.dropped.dropped_lines() as u64
-    }
+/// One event's writer: `fmt` formats an event, then writes it with one
+/// `write_all`, which becomes one queued line.
+struct LineWriter(&'static Queue);
 
-    /// Count dropped lines every second, and report them in one warning
-    /// once a second passes without more: a warning sent while the queue is
-    /// still full would only be dropped too. If the warning is dropped all
-    /// the same (stderr still stalled), it is tried again after the next
-    /// quiet second, covering every line dropped since the last report.
-    /// Runs until the future is dropped.
-    pub fn report_drops(&self, stats: Arc<Stats>) -> impl Future<Output = ()> + Send + 'static {
-        let dropped = self.dropped.clone();
-        async move {
-            let (mut counted, mut reported) = (0u64, 0u64);
-            let mut every = tokio::time::interval(REPORT_EVERY);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                every.tick().await;
-                let now = dropped.dropped_lines() as u64;
-                if now > counted {
-                    stats.log_lines_dropped(now - counted);
-                    counted = now;
-                } else if now > reported {
-                    tracing::warn!(
-                        dropped = now - reported,
-                        total = now,
-                        "log lines dropped: stderr did not keep up"
-                    );
-                    // Still full (stderr stalled but nothing else logging)?
-                    // Then this warning was dropped too: try again later.
-                    if dropped.dropped_lines() as u64 == now {
-                        reported = now;
-                    }
-                }
+impl Write for LineWriter {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let queue = self.0;
+        match queue.tx.try_send(Msg::Line(line.to_vec())) {
+            Ok(()) => {
+                queue.queued.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                DROPPED.fetch_add(1, Ordering::Relaxed);
             }
         }
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The `MakeWriter` for the global queue.
+struct ToQueue(&'static Queue);
+
+impl<'a> MakeWriter<'a> for ToQueue {
+    type Writer = LineWriter;
+
+    fn make_writer(&'a self) -> LineWriter {
+        LineWriter(self.0)
     }
 }
 
 /// Install the global `tracing` subscriber: `RUST_LOG` filtering (default
 /// `info`), formatted lines on stderr through the queue, colours only on a
-/// terminal.
-pub fn init() -> Logging {
-    let stderr = std::io::stderr();
-    let ansi = stderr.is_terminal();
-    let (writer, guard) = NonBlockingBuilder::default()
-        .buffered_lines_limit(QUEUE_LINES)
-        .lossy(true)
-        .thread_name("log-writer")
-        .finish(BufWriter::with_capacity(WRITE_BUFFER, stderr));
-    let dropped = writer.error_counter();
+/// terminal; and a panic hook that logs through it too, since the default
+/// hook writes to stderr from the panicking thread. Call once, before
+/// anything logs. Returns `false` (and installs nothing) if the queue
+/// already exists.
+pub fn init() -> bool {
+    let (tx, rx) = sync_channel(QUEUE_LINES);
+    let queue = Queue {
+        tx,
+        queued: AtomicUsize::new(0),
+    };
+    if QUEUE.set(queue).is_err() {
+        return false;
+    }
+    let Some(queue) = QUEUE.get() else {
+        return false;
+    };
+    let spawned = std::thread::Builder::new()
+        .name("log-writer".into())
+        .spawn(move || write_lines(rx, queue));
+    if spawned.is_err() {
+        // Nothing would ever drain the queue: log synchronously instead.
+        tracing_subscriber::fmt().with_env_filter(filter()).init();
+        return true;
+    }
     tracing_subscriber::fmt()
-        .with_writer(writer)
-        .with_ansi(ansi)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_writer(ToQueue(queue))
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(filter())
         .init();
-    *GUARD.lock().unwrap_or_else(|e| e.into_inner()) = Some(guard);
-    Logging { dropped }
+    std::panic::set_hook(Box::new(|info| {
+        tracing::error!("panic: {}", info.to_string().replace('\n', " "));
+    }));
+    true
 }
 
-/// Write out what is queued, then exit with `code`. `std::process::exit`
-/// runs no destructors, so without this the last lines (why it exited)
-/// would be lost.
+fn filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into())
+}
+
+/// The writer thread: wait for a line, gather what is queued into a batch,
+/// write it to stderr, linger, repeat. Writes go to file descriptor 2
+/// directly, not through `std::io::stderr()`, whose lock a stalled write
+/// would hold against everyone else printing to stderr.
+fn write_lines(rx: Receiver<Msg>, queue: &Queue) {
+    // SAFETY: descriptor 2 stays open for the life of the process; the
+    // ManuallyDrop keeps this File from closing it.
+    let mut stderr = ManuallyDrop::new(unsafe { File::from_raw_fd(2) });
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut lines = 0u64;
+    let mut write_out = |batch: &mut Vec<u8>, lines: &mut u64| {
+        if !batch.is_empty() && stderr.write_all(batch).is_err() {
+            DROPPED.fetch_add(*lines, Ordering::Relaxed);
+        }
+        batch.clear();
+        *lines = 0;
+    };
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(msg) = next {
+            match msg {
+                Msg::Line(line) => {
+                    queue.queued.fetch_sub(1, Ordering::Relaxed);
+                    batch.extend_from_slice(&line);
+                    lines += 1;
+                    if batch.len() >= BATCH {
+                        write_out(&mut batch, &mut lines);
+                    }
+                }
+                Msg::Flush(done) => {
+                    write_out(&mut batch, &mut lines);
+                    let _ = done.try_send(());
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        write_out(&mut batch, &mut lines);
+        std::thread::sleep(LINGER);
+    }
+}
+
+/// Lines this process has dropped so far because the queue was full or
+/// stderr refused them.
+pub fn dropped_lines() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+/// Report dropped lines in one warning once a second passes without more
+/// and the queue has room again: a warning sent while it is still full
+/// would only be dropped too. Runs until the future is dropped.
+pub async fn report_drops() {
+    let (mut seen, mut reported) = (0u64, 0u64);
+    let mut every = tokio::time::interval(REPORT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let now = dropped_lines();
+        let full = QUEUE
+            .get()
+            .is_some_and(|q| q.queued.load(Ordering::Relaxed) >= QUEUE_LINES);
+        if now != seen || full {
+            seen = now;
+            continue;
+        }
+        if now > reported {
+            tracing::warn!(
+                dropped = now - reported,
+                total = now,
+                "log lines dropped: stderr did not keep up"
+            );
+            reported = now;
+        }
+    }
+}
+
+/// Write out what is queued, waiting at most a second for a stalled
+/// stderr. Nothing is printed if it gives up.
+pub fn flush() {
+    let Some(queue) = QUEUE.get() else {
+        return;
+    };
+    let deadline = Instant::now() + FLUSH_WAIT;
+    let (done, wait) = sync_channel(1);
+    let mut msg = Msg::Flush(done);
+    loop {
+        match queue.tx.try_send(msg) {
+            Ok(()) => break,
+            Err(TrySendError::Full(back)) if Instant::now() < deadline => {
+                msg = back;
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(_) => return,
+        }
+    }
+    let _ = wait.recv_timeout(deadline.saturating_duration_since(Instant::now()));
+}
+
+/// Write out what is queued (see [`flush`]), then exit with `code`.
+/// `std::process::exit` runs no destructors, so without this the last
+/// lines (why it exited) would be lost.
 pub fn exit(code: i32) -> ! {
     flush();
     std::process::exit(code)
-}
-
-fn flush() {
-    let guard = GUARD.lock().unwrap_or_else(|e| e.into_inner()).take();
-    drop(guard);
 }

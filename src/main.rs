@@ -11,7 +11,6 @@ use clap::Parser;
 use clap::error::ErrorKind;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
-use wasm_sockserver::logging::Logging;
 use wasm_sockserver::{Config, Server};
 
 /// Keep glibc from giving its heap top back to the kernel after every large
@@ -82,7 +81,7 @@ fn main() -> ExitCode {
         }
     };
 
-    let logging = wasm_sockserver::logging::init();
+    wasm_sockserver::logging::init();
 
     if let Some(limit) = raise_open_file_limit() {
         let needed = u64::from(config.max_connections) + SPARE_DESCRIPTORS;
@@ -96,9 +95,9 @@ fn main() -> ExitCode {
         }
     }
 
-    let result = serve(config, &logging);
+    let result = serve(config);
     // Write out the queued log lines first, so they come before the error.
-    drop(logging);
+    wasm_sockserver::logging::flush();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -124,11 +123,11 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
-fn serve(config: Config, logging: &Logging) -> Result<()> {
+fn serve(config: Config) -> Result<()> {
     let runtime = runtime().context("failed to start the tokio runtime")?;
     let result = runtime.block_on(async {
         let server = Server::new(&config)?;
-        tokio::spawn(logging.report_drops(server.stats()));
+        tokio::spawn(wasm_sockserver::logging::report_drops());
         let listener = if config.reuse_port {
             wasm_sockserver::bind_reuse_port(config.listen)?
         } else {

@@ -73,7 +73,6 @@ pub struct Stats {
     accept_errors: AtomicU64,
     reloads: AtomicU64,
     failed_reloads: AtomicU64,
-    log_lines_dropped: AtomicU64,
     outcomes: [AtomicU64; OutcomeKind::ALL.len()],
     limits: [AtomicU64; LimitKind::ALL.len()],
     changed: Notify,
@@ -127,11 +126,11 @@ impl Stats {
         self.failed_reloads.load(Ordering::Relaxed)
     }
 
-    /// Log lines dropped because stderr did not keep up (see
-    /// [`crate::logging`]); counted by the binary's log sink, so always 0
-    /// for an embedder that logs its own way.
+    /// Log lines the process dropped because stderr did not keep up (see
+    /// [`crate::logging`]). Process-wide, like the log sink itself; always
+    /// 0 for an embedder that logs its own way.
     pub fn dropped_log_lines(&self) -> u64 {
-        self.log_lines_dropped.load(Ordering::Relaxed)
+        crate::logging::dropped_lines()
     }
 
     /// Connections that ended with `kind`.
@@ -202,10 +201,6 @@ impl Stats {
 
     pub(crate) fn accept_error(&self) {
         self.bump(&self.accept_errors, 1);
-    }
-
-    pub(crate) fn log_lines_dropped(&self, lines: u64) {
-        self.bump(&self.log_lines_dropped, lines as i64);
     }
 
     pub(crate) fn reloaded(&self, ok: bool) {
