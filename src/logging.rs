@@ -14,7 +14,7 @@ use std::io::{IsTerminal, Write};
 use std::mem::ManuallyDrop;
 use std::os::fd::FromRawFd;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::time::{Duration, Instant};
 
@@ -41,6 +41,9 @@ const LINGER: Duration = Duration::from_millis(1);
 /// How long a flush at exit waits for a stalled stderr before giving up.
 const FLUSH_WAIT: Duration = Duration::from_secs(1);
 
+/// The writer thread's name.
+const WRITER: &str = "log-writer";
+
 /// How often dropped lines are looked for and reported.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
@@ -52,6 +55,10 @@ enum Msg {
 
 /// The process's one log queue: [`init`] creates it.
 static QUEUE: OnceLock<Queue> = OnceLock::new();
+
+/// Whether the writer thread runs (a flush has nobody to answer it
+/// otherwise).
+static WRITING: AtomicBool = AtomicBool::new(false);
 
 /// Lines dropped: the queue was full, or stderr refused them.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
@@ -70,13 +77,12 @@ struct LineWriter(&'static Queue);
 impl Write for LineWriter {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
         let queue = self.0;
-        match queue.tx.try_send(Msg::Line(line.to_vec())) {
-            Ok(()) => {
-                queue.queued.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                DROPPED.fetch_add(1, Ordering::Relaxed);
-            }
+        // Counted before the send, so the writer never takes a line the
+        // count does not hold yet.
+        queue.queued.fetch_add(1, Ordering::Relaxed);
+        if queue.tx.try_send(Msg::Line(line.to_vec())).is_err() {
+            queue.queued.fetch_sub(1, Ordering::Relaxed);
+            DROPPED.fetch_add(1, Ordering::Relaxed);
         }
         Ok(line.len())
     }
@@ -99,37 +105,55 @@ impl<'a> MakeWriter<'a> for ToQueue {
 
 /// Install the global `tracing` subscriber: `RUST_LOG` filtering (default
 /// `info`), formatted lines on stderr through the queue, colours only on a
-/// terminal; and a panic hook that logs through it too, since the default
-/// hook writes to stderr from the panicking thread. Call once, before
-/// anything logs. Returns `false` (and installs nothing) if the queue
-/// already exists.
+/// terminal; and a panic hook that logs through it too (the default hook
+/// writes to stderr from the panicking thread). Call once, before anything
+/// logs. Returns `false`, changing nothing, if a global subscriber (or a
+/// `log` logger) is already installed.
 pub fn init() -> bool {
+    let ansi = std::io::stderr().is_terminal();
     let (tx, rx) = sync_channel(QUEUE_LINES);
     let queue = Queue {
         tx,
         queued: AtomicUsize::new(0),
     };
-    if QUEUE.set(queue).is_err() {
+    let Ok(()) = QUEUE.set(queue) else {
         return false;
-    }
+    };
     let Some(queue) = QUEUE.get() else {
         return false;
     };
     let spawned = std::thread::Builder::new()
-        .name("log-writer".into())
+        .name(WRITER.into())
         .spawn(move || write_lines(rx, queue));
-    if spawned.is_err() {
-        // Nothing would ever drain the queue: log synchronously instead.
-        tracing_subscriber::fmt().with_env_filter(filter()).init();
-        return true;
+    let installed = if spawned.is_ok() {
+        tracing_subscriber::fmt()
+            .with_writer(ToQueue(queue))
+            .with_ansi(ansi)
+            .with_env_filter(filter())
+            .try_init()
+    } else {
+        // No thread to drain a queue: write from the logging threads.
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_ansi(ansi)
+            .with_env_filter(filter())
+            .try_init()
+    };
+    if installed.is_err() {
+        return false;
     }
-    tracing_subscriber::fmt()
-        .with_writer(ToQueue(queue))
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(filter())
-        .init();
-    std::panic::set_hook(Box::new(|info| {
+    WRITING.store(spawned.is_ok(), Ordering::Relaxed);
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !tracing::enabled!(tracing::Level::ERROR) {
+            return previous(info);
+        }
         tracing::error!("panic: {}", info.to_string().replace('\n', " "));
+        // The process may be about to end: write the line out now (unless
+        // the writer itself panicked).
+        if std::thread::current().name() != Some(WRITER) {
+            flush();
+        }
     }));
     true
 }
@@ -149,9 +173,8 @@ fn write_lines(rx: Receiver<Msg>, queue: &Queue) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut lines = 0u64;
     let mut write_out = |batch: &mut Vec<u8>, lines: &mut u64| {
-        if !batch.is_empty() && stderr.write_all(batch).is_err() {
-            DROPPED.fetch_add(*lines, Ordering::Relaxed);
-        }
+        let lost = write_batch(&mut stderr, batch);
+        DROPPED.fetch_add(lost.min(*lines), Ordering::Relaxed);
         batch.clear();
         *lines = 0;
     };
@@ -177,6 +200,35 @@ fn write_lines(rx: Receiver<Msg>, queue: &Queue) {
         write_out(&mut batch, &mut lines);
         std::thread::sleep(LINGER);
     }
+}
+
+/// Write `batch` to stderr; returns how many of its lines were not
+/// written. Stderr may have been left non-blocking by whoever started us:
+/// then wait until it takes more, as a blocking write would.
+fn write_batch(stderr: &mut File, batch: &[u8]) -> u64 {
+    let mut rest = batch;
+    while !rest.is_empty() {
+        match stderr.write(rest) {
+            Ok(0) => break,
+            Ok(n) => rest = &rest[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let mut fd = libc::pollfd {
+                    fd: 2,
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: poll reads and writes only the one pollfd given.
+                unsafe { libc::poll(&mut fd, 1, -1) };
+            }
+            Err(_) => break,
+        }
+    }
+    if rest.is_empty() {
+        return 0;
+    }
+    // Lines not written at all, plus the one cut short.
+    rest.iter().filter(|b| **b == b'\n').count().max(1) as u64
 }
 
 /// Lines this process has dropped so far because the queue was full or
@@ -216,7 +268,7 @@ pub async fn report_drops() {
 /// Write out what is queued, waiting at most a second for a stalled
 /// stderr. Nothing is printed if it gives up.
 pub fn flush() {
-    let Some(queue) = QUEUE.get() else {
+    let Some(queue) = QUEUE.get().filter(|_| WRITING.load(Ordering::Relaxed)) else {
         return;
     };
     let deadline = Instant::now() + FLUSH_WAIT;

@@ -158,6 +158,9 @@ impl Server {
             cut_off.cancel();
             connections.wait().await;
         }
+        // Let a slow stderr catch up first (at most a second), so that the
+        // summary is not dropped from a full log queue.
+        let _ = tokio::task::spawn_blocking(crate::logging::flush).await;
         tracing::info!(stats = %self.stats.summary(), "shutdown complete");
         Ok(())
     }
