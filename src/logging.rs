@@ -107,19 +107,20 @@ impl<'a> MakeWriter<'a> for ToQueue {
 /// `info`), formatted lines on stderr through the queue, colours only on a
 /// terminal; and a panic hook that logs through it too (the default hook
 /// writes to stderr from the panicking thread). Call once, before anything
-/// logs. Returns `false`, changing nothing, if a global subscriber (or a
-/// `log` logger) is already installed.
+/// logs. Returns `false` if it was called before, or if another global
+/// subscriber (or a `log` logger) is installed: that one stays in charge.
 pub fn init() -> bool {
     let ansi = std::io::stderr().is_terminal();
-    let (tx, rx) = sync_channel(QUEUE_LINES);
-    let queue = Queue {
-        tx,
-        queued: AtomicUsize::new(0),
-    };
-    let Ok(()) = QUEUE.set(queue) else {
-        return false;
-    };
-    let Some(queue) = QUEUE.get() else {
+    let mut receiver = None;
+    let queue = QUEUE.get_or_init(|| {
+        let (tx, rx) = sync_channel(QUEUE_LINES);
+        receiver = Some(rx);
+        Queue {
+            tx,
+            queued: AtomicUsize::new(0),
+        }
+    });
+    let Some(rx) = receiver else {
         return false;
     };
     let spawned = std::thread::Builder::new()

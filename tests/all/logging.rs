@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::util::{Binary, field, fixture_command};
+use crate::util::{Binary, PATIENCE, field, fixture_command};
 
 /// Connections served while nothing reads stderr. Each logs four lines
 /// (the handler's three and the close line), 12,000 in all: more than the
@@ -29,19 +29,7 @@ async fn a_stalled_log_reader_stalls_nothing() {
     let (mut server, unstall) = Binary::start_stalled(&mut fixture_command("connid", &[])).await;
     let addr = server.addr;
 
-    let mut clients = Vec::new();
-    for client in 0..CLIENTS {
-        clients.push(tokio::spawn(async move {
-            for n in (client..CONNECTIONS).step_by(CLIENTS) {
-                tokio::time::timeout(PER_CONNECTION, one_connection(addr))
-                    .await
-                    .unwrap_or_else(|_| panic!("connection {n} not served in time"));
-            }
-        }));
-    }
-    for client in clients {
-        client.await.unwrap();
-    }
+    serve_all(addr).await;
 
     unstall.send(()).unwrap();
     let warning = server
@@ -57,6 +45,79 @@ async fn a_stalled_log_reader_stalls_nothing() {
         field(&summary, "log_lines_dropped") >= reported,
         "{summary}"
     );
+}
+
+/// Ensure a stderr that the parent left non-blocking (`O_NONBLOCK` on the
+/// pipe, as some process managers do) is waited on like a blocking one:
+/// every line that reaches the reader is whole, none cut short and glued to
+/// the next, and the server still serves while nothing reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_blocking_stderr_gets_whole_lines() {
+    let mut cmd = fixture_command("connid", &[]);
+    // SAFETY: fcntl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            let flags = libc::fcntl(2, libc::F_GETFL);
+            if flags < 0 || libc::fcntl(2, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    };
+    let (mut server, unstall) = Binary::start_stalled(&mut cmd).await;
+    serve_all(server.addr).await;
+    unstall.send(()).unwrap();
+    server.signal(libc::SIGTERM);
+    let read_all = async {
+        let mut closed = 0;
+        while let Some(line) = server.stderr.recv().await {
+            assert!(
+                line.starts_with("20") && timestamps(&line) == 1,
+                "a line cut short or glued to another: {line}"
+            );
+            closed += usize::from(line.contains("connection closed"));
+            if line.contains("shutdown complete") {
+                return (closed, line);
+            }
+        }
+        panic!("stderr closed before the shutdown summary");
+    };
+    let (closed, summary) = tokio::time::timeout(PATIENCE, read_all)
+        .await
+        .expect("the shutdown summary in time");
+    assert!(closed > 0, "no close line at all");
+    assert!(field(&summary, "log_lines_dropped") >= 1.0, "{summary}");
+    let status = tokio::time::timeout(PATIENCE, server.child.wait())
+        .await
+        .expect("the server exits")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// How many log-line heads (a timestamp and a level) `line` holds.
+fn timestamps(line: &str) -> usize {
+    ["Z TRACE ", "Z DEBUG ", "Z  INFO ", "Z  WARN ", "Z ERROR "]
+        .iter()
+        .map(|head| line.matches(head).count())
+        .sum()
+}
+
+/// [`CONNECTIONS`] connections from [`CLIENTS`] clients at once, each
+/// served within [`PER_CONNECTION`].
+async fn serve_all(addr: std::net::SocketAddr) {
+    let mut clients = Vec::new();
+    for client in 0..CLIENTS {
+        clients.push(tokio::spawn(async move {
+            for n in (client..CONNECTIONS).step_by(CLIENTS) {
+                tokio::time::timeout(PER_CONNECTION, one_connection(addr))
+                    .await
+                    .unwrap_or_else(|_| panic!("connection {n} not served in time"));
+            }
+        }));
+    }
+    for client in clients {
+        client.await.unwrap();
+    }
 }
 
 /// Connect, read the handler's first line, half-close, read to its close.

@@ -67,6 +67,7 @@ async fn metrics_follow_the_server() {
     let body = scrape(addr).await;
     assert_eq!(sample(&body, "connections_accepted_total"), 0);
     assert_eq!(sample(&body, "module_generation"), 1);
+    assert_eq!(sample(&body, "log_lines_dropped_total"), 0);
 
     // One connection that ends ok, one that ends with the handler's err.
     let ok = TcpStream::connect(server.addr).await.unwrap();
