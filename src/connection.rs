@@ -446,4 +446,12 @@ pub(crate) async fn serve(
             tracing::warn!(conn = id, %peer, %outcome, %limit, duration_ms, bytes_in, bytes_out, generation, "connection closed")
         }
     }
+    // After a reload, the last connection on the previous generation holds
+    // its last reference. Dropping it resets every pool slot that held that
+    // component's memory image (a system call each, up to
+    // --max-connections), which must not stall this worker's other
+    // connections.
+    if let Some(last) = Arc::into_inner(runtime) {
+        tokio::task::spawn_blocking(move || drop(last));
+    }
 }

@@ -3,8 +3,8 @@
 //! raw on the terminal and cannot grow host memory without bound.
 
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -12,7 +12,8 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 
 /// The longest line kept before it is logged in pieces. A guest that never
-/// writes a newline cannot make the host buffer more than this per stream.
+/// writes a newline cannot make the host buffer more than this per stream,
+/// however many handles on the stream it takes.
 const MAX_LINE: usize = 4096;
 
 /// How much a guest may hand over in one `write`: generous for log lines,
@@ -21,40 +22,67 @@ const WRITE_PERMIT: usize = 64 * 1024;
 
 /// Where one connection's guest stdout or stderr goes.
 ///
-/// Cloned into the WASI context as both stdout and stderr. The line budget
-/// is shared by the two, so a guest printing in a loop costs the log at most
-/// `lines` lines per connection (the CPU limit ends the loop itself).
+/// One per stream, set in the WASI context; every handle the guest takes
+/// on the stream is a clone, sharing the stream's one partial line (one
+/// buffer per handle would let a guest holding a thousand handles make the
+/// host keep a thousand partial lines). The line budget is shared by stdout
+/// and stderr, so a guest printing in a loop costs the log at most `lines`
+/// lines per connection (the CPU limit ends the loop itself).
 #[derive(Clone)]
-pub struct GuestLog {
+pub struct GuestLog(Arc<Stream>);
+
+struct Stream {
     conn: u64,
-    stream: &'static str,
+    name: &'static str,
     lines_left: Arc<AtomicU32>,
+    /// The line being collected; logged when it ends or reaches
+    /// [`MAX_LINE`], and what is left of it when the connection ends.
+    line: Mutex<Vec<u8>>,
 }
 
 impl GuestLog {
-    /// A stdout/stderr pair for connection `conn` sharing one line budget.
+    /// A stdout/stderr pair for connection `conn` sharing a budget of
+    /// `lines` lines.
     pub fn pair(conn: u64, lines: u32) -> (GuestLog, GuestLog) {
-        let lines_left = Arc::new(AtomicU32::new(lines));
-        let out = GuestLog {
-            conn,
-            stream: "stdout",
-            lines_left: lines_left.clone(),
+        // One more than the budget: the line after the last one logged is
+        // the one replaced by the warning that more were dropped.
+        let lines_left = Arc::new(AtomicU32::new(lines.saturating_add(1)));
+        let stream = |name| {
+            GuestLog(Arc::new(Stream {
+                conn,
+                name,
+                lines_left: lines_left.clone(),
+                line: Mutex::new(Vec::new()),
+            }))
         };
-        let err = GuestLog {
-            conn,
-            stream: "stderr",
-            lines_left,
-        };
-        (out, err)
+        (stream("stdout"), stream("stderr"))
     }
 
-    fn stream(&self) -> LogStream {
-        LogStream {
-            log: self.clone(),
-            line: Vec::new(),
+    /// Add `bytes` to the stream, logging each line they complete.
+    fn push(&self, mut bytes: &[u8]) {
+        let mut line = self.0.line.lock().unwrap_or_else(|e| e.into_inner());
+        while !bytes.is_empty() {
+            let (part, rest, newline) = match bytes.iter().position(|&b| b == b'\n') {
+                Some(i) => (&bytes[..i], &bytes[i + 1..], true),
+                None => (bytes, &[][..], false),
+            };
+            let room = MAX_LINE - line.len();
+            line.extend_from_slice(&part[..part.len().min(room)]);
+            if newline || line.len() == MAX_LINE {
+                self.0.emit(&line);
+                line.clear();
+            }
+            // Whatever did not fit the line continues as the next line.
+            bytes = if part.len() > room {
+                &bytes[room..]
+            } else {
+                rest
+            };
         }
     }
+}
 
+impl Stream {
     fn emit(&self, line: &[u8]) {
         // Blank lines (Rust's panic message starts with one) carry nothing.
         if line.iter().all(u8::is_ascii_whitespace) {
@@ -67,17 +95,27 @@ impl GuestLog {
             Ok(1) => tracing::warn!(
                 target: "guest",
                 conn = self.conn,
-                stream = self.stream,
+                stream = self.name,
                 "guest output limit reached; further lines from this connection are dropped"
             ),
             Ok(_) => tracing::info!(
                 target: "guest",
                 conn = self.conn,
-                stream = self.stream,
+                stream = self.name,
                 "{}",
                 sanitize(String::from_utf8_lossy(line).trim_end_matches('\r'), MAX_LINE)
             ),
             Err(_) => {}
+        }
+    }
+}
+
+impl Drop for Stream {
+    /// The connection is over: log the unfinished line.
+    fn drop(&mut self) {
+        let line = std::mem::take(self.line.get_mut().unwrap_or_else(|e| e.into_inner()));
+        if !line.is_empty() {
+            self.emit(&line);
         }
     }
 }
@@ -111,59 +149,22 @@ impl IsTerminal for GuestLog {
 
 impl StdoutStream for GuestLog {
     fn p2_stream(&self) -> Box<dyn OutputStream> {
-        Box::new(self.stream())
+        Box::new(self.clone())
     }
 
     fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
-        Box::new(self.stream())
-    }
-}
-
-/// One open handle on a guest's stdout or stderr: collects bytes into
-/// lines and logs each complete line. Writing never blocks.
-struct LogStream {
-    log: GuestLog,
-    line: Vec<u8>,
-}
-
-impl LogStream {
-    fn push(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
-            let (part, rest, newline) = match bytes.iter().position(|&b| b == b'\n') {
-                Some(i) => (&bytes[..i], &bytes[i + 1..], true),
-                None => (bytes, &[][..], false),
-            };
-            let room = MAX_LINE - self.line.len();
-            self.line.extend_from_slice(&part[..part.len().min(room)]);
-            if newline || self.line.len() == MAX_LINE {
-                self.log.emit(&self.line);
-                self.line.clear();
-            }
-            // Whatever did not fit the line continues as the next line.
-            bytes = if part.len() > room {
-                &bytes[room..]
-            } else {
-                rest
-            };
-        }
-    }
-}
-
-impl Drop for LogStream {
-    fn drop(&mut self) {
-        if !self.line.is_empty() {
-            self.log.emit(&self.line);
-        }
+        Box::new(self.clone())
     }
 }
 
 #[wasmtime_wasi::async_trait]
-impl Pollable for LogStream {
+impl Pollable for GuestLog {
     async fn ready(&mut self) {}
 }
 
+/// A handle on the stream: writing never blocks.
 #[wasmtime_wasi::async_trait]
-impl OutputStream for LogStream {
+impl OutputStream for GuestLog {
     fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
         self.push(&bytes);
         Ok(())
@@ -178,13 +179,13 @@ impl OutputStream for LogStream {
     }
 }
 
-impl tokio::io::AsyncWrite for LogStream {
+impl tokio::io::AsyncWrite for GuestLog {
     fn poll_write(
         self: Pin<&mut Self>,
         _: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        self.get_mut().push(buf);
+        self.push(buf);
         Poll::Ready(Ok(buf.len()))
     }
 

@@ -83,18 +83,6 @@ fn main() -> ExitCode {
 
     wasm_sockserver::logging::init();
 
-    if let Some(limit) = raise_open_file_limit() {
-        let needed = u64::from(config.max_connections) + SPARE_DESCRIPTORS;
-        if limit < needed {
-            tracing::warn!(
-                limit,
-                needed,
-                "the open-file limit is below --max-connections: accepts beyond it back off \
-                 until connections close (raise it with `ulimit -n`, or lower --max-connections)"
-            );
-        }
-    }
-
     let result = serve(config);
     // Write out the queued log lines first, so they come before the error.
     wasm_sockserver::logging::flush();
@@ -172,6 +160,9 @@ fn serve(config: Config) -> Result<()> {
         let addr = listener
             .local_addr()
             .context("cannot read the listener's address")?;
+        // Only once every input has been accepted, so that bad input gets
+        // its error line alone, not after a warning about the environment.
+        check_open_file_limit(&config);
         let mut stdout = std::io::stdout().lock();
         writeln!(stdout, "listening on {addr}").context("cannot write to stdout")?;
         stdout.flush().context("cannot write to stdout")?;
@@ -186,6 +177,22 @@ fn serve(config: Config) -> Result<()> {
     // thread: exit without waiting for it.
     runtime.shutdown_timeout(Duration::ZERO);
     result
+}
+
+/// Raise the soft open-file limit, and warn when even the hard one is
+/// below what `--max-connections` needs.
+fn check_open_file_limit(config: &Config) {
+    if let Some(limit) = raise_open_file_limit() {
+        let needed = u64::from(config.max_connections) + SPARE_DESCRIPTORS;
+        if limit < needed {
+            tracing::warn!(
+                limit,
+                needed,
+                "the open-file limit is below --max-connections: accepts beyond it back off \
+                 until connections close (raise it with `ulimit -n`, or lower --max-connections)"
+            );
+        }
+    }
 }
 
 /// SIGINT (Ctrl-C) and SIGTERM, registered up front.

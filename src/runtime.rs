@@ -19,6 +19,35 @@ use crate::limits::{self, Limits};
 /// The interface every handler must export (any 0.1.x is compatible).
 const HANDLER_EXPORT: &str = "sockserver:handler/handler@0.1";
 
+/// The largest module file read. Real handlers are far smaller (the
+/// Python echo, interpreter included, is about 40 MB); the bound keeps a
+/// mistaken `--module /dev/zero` or a huge file from exhausting memory.
+const MAX_MODULE_SIZE: u64 = 1 << 30;
+
+/// Read a module file: only a regular file (a FIFO would hang start-up or a
+/// reload, a device could be endless), and at most [`MAX_MODULE_SIZE`].
+fn read_module(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking, so that opening a FIFO does not wait for a writer.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        bail!("not a regular file");
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_MODULE_SIZE + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_MODULE_SIZE {
+        bail!(
+            "larger than {}",
+            crate::config::format_size(MAX_MODULE_SIZE)
+        );
+    }
+    Ok(bytes)
+}
+
 /// Everything needed to serve connections with one handler component:
 /// compiled once, pre-instantiated once, instantiated per connection.
 pub struct Runtime {
@@ -163,7 +192,7 @@ impl Checked {
     /// explanation.
     fn read(path: &Path, limits: &Limits, cache_dir: Option<&Path>) -> Result<Checked> {
         let shown = path.display().to_string();
-        let bytes = std::fs::read(path).with_context(|| format!("cannot read module {shown}"))?;
+        let bytes = read_module(path).with_context(|| format!("cannot read module {shown}"))?;
         if !wasmparser::Parser::is_component(&bytes) {
             if wasmparser::Parser::is_core_wasm(&bytes) {
                 bail!(
@@ -293,7 +322,10 @@ impl Counts {
         let required = component
             .resources_required()
             .context("component requires resources that cannot be measured")?;
-        if let Some(initial) = required.max_initial_memory_size
+        // wasmtime counts the initial size in 64 KiB wasm pages.
+        if let Some(initial) = required
+            .max_initial_memory_size
+            .map(|p| p.saturating_mul(65536))
             && initial > limits.max_memory as u64
         {
             bail!(

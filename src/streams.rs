@@ -553,12 +553,23 @@ impl Socket {
     /// error). Pushes pending bytes itself: nothing else drives the socket
     /// while the guest waits.
     pub async fn output_ready(&self) {
+        self.output_room(1).await
+    }
+
+    /// Ready when `check-write` would grant at least `need` bytes (at most
+    /// [`BUFFER_LIMIT`]), or report an error.
+    ///
+    /// Waiting for the room the caller needs, not for any room at all, is
+    /// what keeps a full buffer from busy-looping: with 62 KiB pending and
+    /// 4 KiB to write, "any room" is true at once, the write still does not
+    /// fit, and a caller that looped on it would never yield its worker.
+    async fn output_room(&self, need: usize) {
+        let need = need.clamp(1, BUFFER_LIMIT);
         loop {
             {
                 let mut out = self.outbound();
                 self.push(&mut out);
-                let blocked = out.flushing || out.pending() >= BUFFER_LIMIT;
-                if out.failed.is_some() || out.shut || !blocked {
+                if out.failed.is_some() || out.shut || Socket::permit(&out) >= need {
                     return;
                 }
             }
@@ -570,8 +581,12 @@ impl Socket {
 
     /// Wait until `check-write` grants at least `len` bytes.
     pub async fn wait_for_permit(&self, len: usize) -> StreamResult<()> {
+        // More than the buffer could never be granted.
+        if len > BUFFER_LIMIT {
+            return Err(StreamError::trap("blocking-write-and-flush too large"));
+        }
         while self.check_write()? < len {
-            self.output_ready().await;
+            self.output_room(len).await;
         }
         Ok(())
     }
@@ -689,11 +704,7 @@ impl OutputStream for SocketOutput {
     /// The request/response path in one pass: the default goes through
     /// `write_ready` twice, and each `async` trait call allocates a future.
     async fn blocking_write_and_flush(&mut self, bytes: Bytes) -> StreamResult<()> {
-        // wasmtime-wasi refuses more than 4096 bytes before calling us;
-        // anything above the buffer could never get a big enough permit.
-        if bytes.len() > BUFFER_LIMIT {
-            return Err(StreamError::trap("blocking-write-and-flush too large"));
-        }
+        // wasmtime-wasi refuses more than 4096 bytes before calling us.
         self.socket.wait_for_permit(bytes.len()).await?;
         self.socket.write(&bytes)?;
         self.socket.finish_write_and_flush().await

@@ -48,6 +48,50 @@ async fn unreadable_file() {
     refuses(&["--module", "/"], &["cannot read module /"]).await;
 }
 
+/// Ensure a device that never ends is refused without being read.
+#[tokio::test]
+async fn device_file() {
+    refuses(
+        &["--module", "/dev/zero"],
+        &["cannot read module /dev/zero", "not a regular file"],
+    )
+    .await;
+}
+
+/// Ensure a FIFO is refused at once: opening it for reading would otherwise
+/// wait for a writer that never comes.
+#[tokio::test]
+async fn fifo() {
+    let dir = tempdir();
+    let path = dir.join("handler.wasm");
+    let c_path = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    refuses(
+        &["--module", path.to_str().unwrap()],
+        &["not a regular file"],
+    )
+    .await;
+}
+
+/// Ensure a component whose initial memory is larger than --max-memory is
+/// refused at load, naming both sizes, even when the limit is not a whole
+/// number of 64 KiB pages (the pool's reservation is rounded up to one, so
+/// only this check stands between such a component and a server on which
+/// every connection fails).
+#[tokio::test]
+async fn initial_memory_beyond_limit() {
+    // The echo starts with 17 pages (1088 KiB): Rust's 1 MiB stack and data.
+    refuses(
+        &["--module", &module("echo"), "--max-memory", "1100000"],
+        &[
+            "needs 1088KiB of initial linear memory",
+            "more than --max-memory (1100000B)",
+        ],
+    )
+    .await;
+}
+
 /// Ensure a file that is not wasm at all is called that.
 #[tokio::test]
 async fn not_wasm() {

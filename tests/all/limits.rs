@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::util::{
@@ -180,6 +180,106 @@ async fn hugewrite_to_non_reader() {
     server.stop().await;
 }
 
+/// Ensure a guest whose `blocking-write-and-flush` does not fit in the
+/// host's nearly full output buffer waits for the client without spinning:
+/// the server uses almost no CPU while it waits, the idle timeout closes
+/// the connection, and the canary keeps echoing. (The host call used to
+/// wait only for *some* room, which was there at once, so it looped: the
+/// server used 2.01 s of CPU in the 2.0 s the guest waited.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stuck_send_waits_without_spinning() {
+    let mut server = start("stucksend", &["--idle-timeout", "2s"]).await;
+    let mut canary = Canary::connect(server.addr).await;
+    let stream = pull_trigger(server.addr, b"stucksend").await;
+    server.log_line(&["stucksend: host buffer full"]).await;
+    let (cpu_before, start) = (cpu_time(server.pid()), Instant::now());
+    canary.check().await;
+    server.log_line(&["outcome=limit", "limit=idle"]).await;
+    let (cpu, elapsed) = (cpu_time(server.pid()) - cpu_before, start.elapsed());
+    assert!(
+        cpu < elapsed / 4,
+        "the server used {cpu:?} of CPU in the {elapsed:?} the guest waited"
+    );
+    drop(stream);
+    canary.check().await;
+    drop(canary);
+    server.stop().await;
+}
+
+/// Send `command` to the `logflood` fixture and wait for its `done`.
+async fn flood(stream: &mut TcpStream, command: &[u8]) {
+    stream.write_all(command).await.unwrap();
+    let mut reply = [0u8; 5];
+    tokio::time::timeout(Duration::from_secs(30), stream.read_exact(&mut reply))
+        .await
+        .expect("logflood answers")
+        .unwrap();
+    assert_eq!(&reply, b"done\n");
+}
+
+/// Ensure a guest's output costs the log at most 1000 lines per connection:
+/// of 1500 lines printed, exactly the first 1000 are logged, then one
+/// warning, and nothing more from that connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_output_capped_at_a_thousand_lines() {
+    let mut server = start("logflood", &[]).await;
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    flood(&mut stream, b"lines").await;
+    drop(stream);
+    let (mut logged, mut warnings) = (Vec::new(), 0);
+    loop {
+        let line = server.log_line(&[]).await;
+        if line.contains("guest output limit reached") {
+            warnings += 1;
+        } else if let Some(at) = line.find("flood line ") {
+            let digits = line[at + 11..].split(|c: char| !c.is_ascii_digit());
+            logged.push(digits.take(1).collect::<String>());
+        } else if line.contains("connection closed") {
+            break;
+        }
+    }
+    assert_eq!(warnings, 1, "limit warnings");
+    let expected: Vec<String> = (0..1000).map(|i| i.to_string()).collect();
+    assert!(
+        logged == expected,
+        "logged {} lines, from {:?} to {:?}",
+        logged.len(),
+        logged.first(),
+        logged.last()
+    );
+    server.stop().await;
+}
+
+/// Ensure stdout handles cannot multiply what the host keeps of a guest's
+/// unfinished lines: ten connections, each holding 900 stdout handles with
+/// 4095 bytes and no newline written to each, grow the server's RSS by less
+/// than 8 MiB. (With a line buffer per handle they kept 3.6 MB each.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdout_handles_share_one_line() {
+    let mut server = start("logflood", &[]).await;
+    let mut conns = Vec::new();
+    for _ in 0..10 {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        // Spend the line budget first, so that what follows measures the
+        // host's buffers, not log traffic.
+        flood(&mut stream, b"lines").await;
+        conns.push(stream);
+    }
+    server.log_lines(&["guest output limit reached"], 10).await;
+    let before = proc_status_kib(server.pid(), "VmRSS");
+    for stream in &mut conns {
+        flood(stream, b"handles").await;
+    }
+    let after = proc_status_kib(server.pid(), "VmRSS");
+    println!("stdout handles: RSS {before} -> {after} KiB");
+    assert!(
+        after.saturating_sub(before) < 8 * 1024,
+        "RSS grew from {before} to {after} KiB"
+    );
+    drop(conns);
+    server.stop().await;
+}
+
 /// Ensure a guest that never reads while the client pushes up to 100 MB
 /// keeps host memory bounded and is closed at the idle timeout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,11 +301,16 @@ async fn neverread_while_client_pushes() {
     });
     // The canary stays busy (so the idle timeout never touches it) until
     // the server has cut the pusher off.
-    while !pusher.is_finished() {
-        canary.check().await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let pushed = pusher.await.unwrap();
+    let mut pusher = std::pin::pin!(pusher);
+    let mut beat = tokio::time::interval(Duration::from_millis(50));
+    let pushed = loop {
+        tokio::select! {
+            pushed = &mut pusher => break pushed.unwrap(),
+            _ = beat.tick() => {
+                canary.check().await;
+            }
+        }
+    };
     server.log_line(&["outcome=limit", "limit=idle"]).await;
     let after = proc_status_kib(server.pid(), "VmRSS");
     println!(
@@ -381,9 +486,9 @@ fn thread_switches(pid: u32, name: &str) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_ticker_sleeps_and_wakes_for_guests() {
     let mut server = start("spin", &["--max-cpu", "200ms"]).await;
-    // Let the connection-less server settle, then count one idle second.
+    // Once the only connection has closed, count one idle second.
     drop(Canary::connect(server.addr).await);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    server.log_line(&["connection closed"]).await;
     let before = thread_switches(server.pid(), "epoch-ticker");
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = thread_switches(server.pid(), "epoch-ticker") - before;

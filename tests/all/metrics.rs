@@ -126,5 +126,24 @@ async fn metrics_follow_the_server() {
     let (status, _) = get(addr, "POST /metrics HTTP/1.1\r\n\r\n").await;
     assert_eq!(status, "HTTP/1.1 405 Method Not Allowed");
 
+    // Eight silent clients hold every scrape slot; the server gives each
+    // its second to send a request, closes it, and answers scrapes again.
+    let started = std::time::Instant::now();
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(TcpStream::connect(addr).await.unwrap());
+    }
+    for stream in &mut silent {
+        let (reply, _) = read_to_close(stream).await;
+        assert!(reply.is_empty(), "a silent client got a reply");
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(900),
+        "silent clients closed after {waited:?}, before their second"
+    );
+    let body = scrape(addr).await;
+    assert_eq!(sample(&body, "module_generation"), 2);
+
     server.stop_cleanly().await;
 }

@@ -366,13 +366,17 @@ impl Binary {
 /// Run the binary with `args` to completion (it must exit on its own).
 /// Returns the exit code and stderr.
 pub async fn run_binary(args: &[&str]) -> (i32, String) {
-    let out = tokio::time::timeout(
-        PATIENCE,
-        binary().env("RUST_LOG", "info").args(args).output(),
-    )
-    .await
-    .expect("binary exits")
-    .unwrap();
+    let mut cmd = binary();
+    cmd.env("RUST_LOG", "info").args(args);
+    // An open-file limit below what the default --max-connections needs,
+    // as on many hosts: a warning about it must not come before an error
+    // about the input (which must be the only line).
+    // SAFETY: set_nofile only calls setrlimit, which is async-signal-safe.
+    unsafe { cmd.pre_exec(set_nofile(256, 256)) };
+    let out = tokio::time::timeout(PATIENCE, cmd.output())
+        .await
+        .expect("binary exits")
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stderr).into_owned(),
