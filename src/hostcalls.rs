@@ -126,14 +126,17 @@ fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "[method]input-stream.blocking-read",
         |mut store, (stream, len): (Resource<DynInputStream>, u64)| {
             Box::new(async move {
-                let result = match socket_input(&store, &stream) {
-                    Some(socket) => socket.blocking_read(clamp(len)).await,
-                    None => {
-                        HostInputStream::blocking_read(&mut store.data_mut().table, stream, len)
-                            .await
+                let (result, waited) = tracking_waits(async {
+                    match socket_input(&store, &stream) {
+                        Some(socket) => socket.blocking_read(clamp(len)).await,
+                        None => {
+                            HostInputStream::blocking_read(&mut store.data_mut().table, stream, len)
+                                .await
+                        }
                     }
-                };
-                rearm(&mut store);
+                })
+                .await;
+                rearm_if(waited, &mut store);
                 lower(&mut store.data_mut().table, result)
             })
         },
@@ -168,36 +171,42 @@ fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "[method]output-stream.blocking-write-and-flush",
         |mut store, (stream, list): (Resource<DynOutputStream>, WasmList<u8>)| {
             Box::new(async move {
-                let result = match socket_output(&store, &stream) {
-                    Some(socket) => {
-                        if list.len() > BLOCKING_WRITE_MAX {
-                            return Err(too_large());
+                let socket = socket_output(&store, &stream);
+                if socket.is_some() && list.len() > BLOCKING_WRITE_MAX {
+                    return Err(too_large());
+                }
+                let (result, waited) = tracking_waits(async {
+                    match socket {
+                        Some(socket) => {
+                            // The guest is suspended while we wait, so its
+                            // bytes cannot change before they are read here.
+                            // (The store is borrowed only between the awaits:
+                            // a borrow held across one would need it `Sync`.)
+                            let written = socket
+                                .wait_for_permit(list.len())
+                                .await
+                                .and_then(|()| socket.write(list.as_le_slice(&store)));
+                            Ok(match written {
+                                Ok(()) => socket.finish_write_and_flush().await,
+                                Err(e) => Err(e),
+                            })
                         }
-                        // The guest is suspended while we wait, so its
-                        // bytes cannot change before they are read here.
-                        // (The store is borrowed only between the awaits:
-                        // a borrow held across one would need it `Sync`.)
-                        let written = socket
-                            .wait_for_permit(list.len())
-                            .await
-                            .and_then(|()| socket.write(list.as_le_slice(&store)));
-                        match written {
-                            Ok(()) => socket.finish_write_and_flush().await,
-                            Err(e) => Err(e),
+                        None => {
+                            let bytes = copy_list(&store, &list)?;
+                            Ok::<_, wasmtime::Error>(
+                                HostOutputStream::blocking_write_and_flush(
+                                    &mut store.data_mut().table,
+                                    stream,
+                                    bytes,
+                                )
+                                .await,
+                            )
                         }
                     }
-                    None => {
-                        let bytes = copy_list(&store, &list)?;
-                        HostOutputStream::blocking_write_and_flush(
-                            &mut store.data_mut().table,
-                            stream,
-                            bytes,
-                        )
-                        .await
-                    }
-                };
-                rearm(&mut store);
-                lower(&mut store.data_mut().table, result)
+                })
+                .await;
+                rearm_if(waited, &mut store);
+                lower(&mut store.data_mut().table, result?)
             })
         },
     )?;
@@ -206,13 +215,17 @@ fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "[method]output-stream.blocking-flush",
         |mut store, (stream,): (Resource<DynOutputStream>,)| {
             Box::new(async move {
-                let result = match socket_output(&store, &stream) {
-                    Some(socket) => socket.blocking_flush().await,
-                    None => {
-                        HostOutputStream::blocking_flush(&mut store.data_mut().table, stream).await
+                let (result, waited) = tracking_waits(async {
+                    match socket_output(&store, &stream) {
+                        Some(socket) => socket.blocking_flush().await,
+                        None => {
+                            HostOutputStream::blocking_flush(&mut store.data_mut().table, stream)
+                                .await
+                        }
                     }
-                };
-                rearm(&mut store);
+                })
+                .await;
+                rearm_if(waited, &mut store);
                 lower(&mut store.data_mut().table, result)
             })
         },
@@ -221,7 +234,7 @@ fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
 }
 
 /// Push the guest's epoch deadline to the tick after this one, after a call
-/// that may have waited.
+/// that waited.
 ///
 /// The deadline is relative to the epoch when it was set, so a guest that
 /// waited across a tick would otherwise take the epoch callback (a libcall,
@@ -231,8 +244,33 @@ fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
 /// while the guest runs, which is exactly when there is something to check
 /// (a guest running on past `YIELD_AFTER`, or out of CPU), and never later
 /// than the first tick after this call.
-fn rearm(store: &mut StoreContextMut<'_, HostState>) {
-    store.set_epoch_deadline(1);
+///
+/// Only after a call that waited: the guest then gave its thread back, and
+/// the time it waited is not its CPU. A call that returned at once (a
+/// `blocking-flush` with nothing to flush) must leave the deadline alone.
+/// Wasm checks the epoch only at function entries and loop back-edges, not
+/// when a host call returns, so a tick that lands inside such a call is
+/// seen at the guest's next check; re-arming there instead pushed the
+/// deadline past it, and a guest making nothing but such calls could miss
+/// every tick: no CPU limit, no yield, no idle or shutdown cut-off.
+fn rearm_if(waited: bool, store: &mut StoreContextMut<'_, HostState>) {
+    if waited {
+        store.set_epoch_deadline(1);
+    }
+}
+
+/// Run `call` to completion, and say whether it ever returned `Pending`
+/// (the guest's fiber was suspended and its task gave up the thread).
+async fn tracking_waits<T>(call: impl Future<Output = T>) -> (T, bool) {
+    let mut call = std::pin::pin!(call);
+    let mut waited = false;
+    let out = std::future::poll_fn(|cx| {
+        let poll = call.as_mut().poll(cx);
+        waited |= poll.is_pending();
+        poll
+    })
+    .await;
+    (out, waited)
 }
 
 /// The guest passes read sizes as `u64`; the socket bounds them anyway.

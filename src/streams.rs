@@ -323,6 +323,12 @@ impl Socket {
             // connection task's state for its whole life, idle or not.
             let mut scratch = vec![0u8; 4096];
             loop {
+                // A client that keeps the socket full would otherwise keep
+                // this loop from ever returning `Pending`: the timeout
+                // below, the shutdown cut-off and every other connection on
+                // this thread would wait for it. Yield once tokio's budget
+                // for this task is spent.
+                tokio::task::consume_budget().await;
                 if self.tcp.readable().await.is_err() {
                     return;
                 }
@@ -454,14 +460,24 @@ impl Socket {
                 self.push(&mut out);
                 out.pending() > 0 && out.failed.is_none()
             };
-            if !unsent {
-                let _ = self.tcp.readable().await;
-                return;
+            let waited = if unsent {
+                tokio::select! {
+                    ready = self.tcp.readable() => ready,
+                    ready = self.tcp.writable() => match ready {
+                        Ok(()) => continue,
+                        Err(e) => Err(e),
+                    },
+                }
+            } else {
+                self.tcp.readable().await
+            };
+            if waited.is_err() {
+                // The reactor that drives this socket is gone: nothing
+                // will ever be read, so end the stream rather than let a
+                // reader loop on a readiness that fails at once.
+                self.input_closed.store(true, Ordering::Relaxed);
             }
-            tokio::select! {
-                _ = self.tcp.readable() => return,
-                _ = self.tcp.writable() => {}
-            }
+            return;
         }
     }
 
@@ -475,12 +491,48 @@ impl Socket {
     /// that is already waiting (pipelined requests, bulk transfers) then
     /// needs no readiness future at all.
     pub async fn blocking_read(&self, size: usize) -> StreamResult<Vec<u8>> {
+        if size == 0 {
+            return self.await_input().await;
+        }
         loop {
             let bytes = self.read(size)?;
-            if !bytes.is_empty() || size == 0 {
+            if !bytes.is_empty() {
                 return Ok(bytes);
             }
             self.input_ready().await;
+        }
+    }
+
+    /// `blocking-read` of nothing: wait until a read would find a byte (or
+    /// the end), consuming nothing, as wasmtime-wasi's does. A guest may use
+    /// it to wait for input; returning at once would make that a busy loop.
+    /// Readiness alone is not enough (tokio reports a new socket readable
+    /// before anything arrived), so a peek confirms it.
+    async fn await_input(&self) -> StreamResult<Vec<u8>> {
+        loop {
+            if self.input_closed.load(Ordering::Relaxed) {
+                return Err(StreamError::Closed);
+            }
+            self.input_ready().await;
+            let mut byte = [std::mem::MaybeUninit::uninit()];
+            let peeked = self.tcp.try_io(Interest::READABLE, || {
+                socket2::SockRef::from(&self.tcp).peek(&mut byte)
+            });
+            match peeked {
+                Ok(0) => {
+                    self.input_closed.store(true, Ordering::Relaxed);
+                    self.read_eof.store(true, Ordering::Relaxed);
+                    return Err(StreamError::Closed);
+                }
+                Ok(_) => return Ok(Vec::new()),
+                // `try_io` cleared the stale readiness: wait again.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    self.input_closed.store(true, Ordering::Relaxed);
+                    self.note_error(e.kind());
+                    return Err(failure(e.kind()));
+                }
+            }
         }
     }
 
@@ -573,7 +625,13 @@ impl Socket {
                     return;
                 }
             }
-            if self.tcp.writable().await.is_err() {
+            if let Err(e) = self.tcp.writable().await {
+                // The reactor is gone: fail the stream rather than let the
+                // caller loop on a readiness that fails at once.
+                let mut out = self.outbound();
+                if out.failed.is_none() {
+                    out.failed = Some(Failure::Pending(e.kind()));
+                }
                 return;
             }
         }

@@ -193,14 +193,44 @@ async fn stuck_send_waits_without_spinning() {
     let stream = pull_trigger(server.addr, b"stucksend").await;
     server.log_line(&["stucksend: host buffer full"]).await;
     let (cpu_before, start) = (cpu_time(server.pid()), Instant::now());
-    canary.check().await;
-    server.log_line(&["outcome=limit", "limit=idle"]).await;
+    // The canary stays busy (so the idle timeout never touches it) until
+    // the stuck connection is closed.
+    let mut beat = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = server.log_line(&["outcome=limit", "limit=idle"]) => break,
+            _ = beat.tick() => {
+                canary.check().await;
+            }
+        }
+    }
     let (cpu, elapsed) = (cpu_time(server.pid()) - cpu_before, start.elapsed());
     assert!(
         cpu < elapsed / 4,
         "the server used {cpu:?} of CPU in the {elapsed:?} the guest waited"
     );
     drop(stream);
+    canary.check().await;
+    drop(canary);
+    server.stop().await;
+}
+
+/// Ensure a guest that spends nearly all its time in host calls that return
+/// at once (64 `blocking-flush` calls with nothing to flush between loop
+/// back-edges) is still held to `--max-cpu`, its connection closed with
+/// `limit=cpu`. (Those calls used to re-arm the epoch deadline, which
+/// pushed it past every tick that landed inside one: with a 200ms budget
+/// such a guest was stopped after 226-233ms, against 203-207ms now. The
+/// shim function's epoch check between calls still caught it, so this
+/// test, which only bounds the overrun loosely, passes either way.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_host_calls_are_held_to_the_cpu_limit() {
+    let mut server = start("busycall", &["--max-cpu", "200ms"]).await;
+    let mut canary = Canary::connect(server.addr).await;
+    let took = trigger(server.addr, b"busycall").await;
+    server.log_line(&["outcome=limit", "limit=cpu"]).await;
+    println!("busycall: closed {took:?} after the trigger");
+    assert!(took < Duration::from_secs(5), "closed after {took:?}");
     canary.check().await;
     drop(canary);
     server.stop().await;

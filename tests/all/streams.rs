@@ -163,6 +163,39 @@ fn write_beyond_permit_traps() {
     });
 }
 
+/// Ensure `blocking-read` of 0 bytes waits until input arrives, as
+/// wasmtime-wasi's does, instead of returning at once (which would make a
+/// guest's "wait for input" a busy loop), and consumes nothing.
+#[test]
+fn blocking_read_of_nothing_waits_for_input() {
+    runtime().block_on(async {
+        let (mut client, server) = pair().await;
+        let mut input = SocketInput::new(Socket::new(server));
+        let early = tokio::time::timeout(
+            std::time::Duration::from_millis(200),
+            input.blocking_read(0),
+        )
+        .await;
+        assert!(
+            early.is_err(),
+            "blocking-read(0) returned with no input: {early:?}"
+        );
+        client.write_all(b"x").await.unwrap();
+        let woke = tokio::time::timeout(crate::util::PATIENCE, input.blocking_read(0))
+            .await
+            .expect("blocking-read(0) wakes when input arrives")
+            .unwrap();
+        assert!(woke.is_empty());
+        assert_eq!(&input.read(1).unwrap()[..], b"x");
+        // At the end of input it reports `closed` at once.
+        client.shutdown().await.unwrap();
+        let end = tokio::time::timeout(crate::util::PATIENCE, input.blocking_read(0))
+            .await
+            .expect("blocking-read(0) wakes at the end of input");
+        assert!(matches!(end, Err(StreamError::Closed)), "{end:?}");
+    });
+}
+
 /// Ensure `blocking-write-and-flush` waits while the client is not reading
 /// (kernel buffers and the host's buffer full) instead of failing or
 /// buffering without bound, returns only once its bytes are with the
