@@ -57,7 +57,7 @@ pub struct HostState {
     /// handler runs on other streams.
     pub(crate) socket: Option<SocketStreams>,
     limiter: Limiter,
-    cpu: CpuMeter,
+    pub(crate) cpu: CpuMeter,
     /// Set when the CPU budget ran out, so the resulting interrupt is
     /// reported as the `cpu` limit.
     cpu_exhausted: bool,

@@ -126,17 +126,15 @@ fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "[method]input-stream.blocking-read",
         |mut store, (stream, len): (Resource<DynInputStream>, u64)| {
             Box::new(async move {
-                let (result, waited) = tracking_waits(async {
-                    match socket_input(&store, &stream) {
-                        Some(socket) => socket.blocking_read(clamp(len)).await,
-                        None => {
-                            HostInputStream::blocking_read(&mut store.data_mut().table, stream, len)
-                                .await
-                        }
+                let poll = store.data().cpu.poll_id();
+                let result = match socket_input(&store, &stream) {
+                    Some(socket) => socket.blocking_read(clamp(len)).await,
+                    None => {
+                        HostInputStream::blocking_read(&mut store.data_mut().table, stream, len)
+                            .await
                     }
-                })
-                .await;
-                rearm_if(waited, &mut store);
+                };
+                rearm_if_waited(poll, &mut store);
                 lower(&mut store.data_mut().table, result)
             })
         },
@@ -171,42 +169,37 @@ fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "[method]output-stream.blocking-write-and-flush",
         |mut store, (stream, list): (Resource<DynOutputStream>, WasmList<u8>)| {
             Box::new(async move {
-                let socket = socket_output(&store, &stream);
-                if socket.is_some() && list.len() > BLOCKING_WRITE_MAX {
-                    return Err(too_large());
-                }
-                let (result, waited) = tracking_waits(async {
-                    match socket {
-                        Some(socket) => {
-                            // The guest is suspended while we wait, so its
-                            // bytes cannot change before they are read here.
-                            // (The store is borrowed only between the awaits:
-                            // a borrow held across one would need it `Sync`.)
-                            let written = socket
-                                .wait_for_permit(list.len())
-                                .await
-                                .and_then(|()| socket.write(list.as_le_slice(&store)));
-                            Ok(match written {
-                                Ok(()) => socket.finish_write_and_flush().await,
-                                Err(e) => Err(e),
-                            })
+                let poll = store.data().cpu.poll_id();
+                let result = match socket_output(&store, &stream) {
+                    Some(socket) => {
+                        if list.len() > BLOCKING_WRITE_MAX {
+                            return Err(too_large());
                         }
-                        None => {
-                            let bytes = copy_list(&store, &list)?;
-                            Ok::<_, wasmtime::Error>(
-                                HostOutputStream::blocking_write_and_flush(
-                                    &mut store.data_mut().table,
-                                    stream,
-                                    bytes,
-                                )
-                                .await,
-                            )
+                        // The guest is suspended while we wait, so its
+                        // bytes cannot change before they are read here.
+                        // (The store is borrowed only between the awaits:
+                        // a borrow held across one would need it `Sync`.)
+                        let written = socket
+                            .wait_for_permit(list.len())
+                            .await
+                            .and_then(|()| socket.write(list.as_le_slice(&store)));
+                        match written {
+                            Ok(()) => socket.finish_write_and_flush().await,
+                            Err(e) => Err(e),
                         }
                     }
-                })
-                .await;
-                rearm_if(waited, &mut store);
-                lower(&mut store.data_mut().table, result?)
+                    None => {
+                        let bytes = copy_list(&store, &list)?;
+                        HostOutputStream::blocking_write_and_flush(
+                            &mut store.data_mut().table,
+                            stream,
+                            bytes,
+                        )
+                        .await
+                    }
+                };
+                rearm_if_waited(poll, &mut store);
+                lower(&mut store.data_mut().table, result)
             })
         },
     )?;
@@ -215,17 +208,14 @@ fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "[method]output-stream.blocking-flush",
         |mut store, (stream,): (Resource<DynOutputStream>,)| {
             Box::new(async move {
-                let (result, waited) = tracking_waits(async {
-                    match socket_output(&store, &stream) {
-                        Some(socket) => socket.blocking_flush().await,
-                        None => {
-                            HostOutputStream::blocking_flush(&mut store.data_mut().table, stream)
-                                .await
-                        }
+                let poll = store.data().cpu.poll_id();
+                let result = match socket_output(&store, &stream) {
+                    Some(socket) => socket.blocking_flush().await,
+                    None => {
+                        HostOutputStream::blocking_flush(&mut store.data_mut().table, stream).await
                     }
-                })
-                .await;
-                rearm_if(waited, &mut store);
+                };
+                rearm_if_waited(poll, &mut store);
                 lower(&mut store.data_mut().table, result)
             })
         },
@@ -253,24 +243,13 @@ fn define(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
 /// seen at the guest's next check; re-arming there instead pushed the
 /// deadline past it, and a guest making nothing but such calls could miss
 /// every tick: no CPU limit, no yield, no idle or shutdown cut-off.
-fn rearm_if(waited: bool, store: &mut StoreContextMut<'_, HostState>) {
-    if waited {
+///
+/// `poll` is [`CpuMeter::poll_id`](crate::limits::CpuMeter::poll_id) from
+/// before the call: a call that suspended the guest returns in a later poll.
+fn rearm_if_waited(poll: u64, store: &mut StoreContextMut<'_, HostState>) {
+    if store.data().cpu.poll_id() != poll {
         store.set_epoch_deadline(1);
     }
-}
-
-/// Run `call` to completion, and say whether it ever returned `Pending`
-/// (the guest's fiber was suspended and its task gave up the thread).
-async fn tracking_waits<T>(call: impl Future<Output = T>) -> (T, bool) {
-    let mut call = std::pin::pin!(call);
-    let mut waited = false;
-    let out = std::future::poll_fn(|cx| {
-        let poll = call.as_mut().poll(cx);
-        waited |= poll.is_pending();
-        poll
-    })
-    .await;
-    (out, waited)
 }
 
 /// The guest passes read sizes as `u64`; the socket bounds them anyway.

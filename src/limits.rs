@@ -260,6 +260,13 @@ impl CpuMeter {
         Duration::from_nanos(self.clock.now().saturating_sub(since))
     }
 
+    /// Identifies the poll in progress (its start), so that a host call can
+    /// tell whether it waited: a call that suspended the guest ends in a
+    /// later poll.
+    pub fn poll_id(&self) -> u64 {
+        self.clock.polling_since.load(Ordering::Relaxed)
+    }
+
     /// Record an epoch check-in, which also tells the ticker that this
     /// guest is running (a guest in one long poll reaches one every tick).
     pub fn check_in(&self) {
