@@ -193,17 +193,9 @@ async fn stuck_send_waits_without_spinning() {
     let stream = pull_trigger(server.addr, b"stucksend").await;
     server.log_line(&["stucksend: host buffer full"]).await;
     let (cpu_before, start) = (cpu_time(server.pid()), Instant::now());
-    // The canary stays busy (so the idle timeout never touches it) until
-    // the stuck connection is closed.
-    let mut beat = tokio::time::interval(Duration::from_millis(100));
-    loop {
-        tokio::select! {
-            _ = server.log_line(&["outcome=limit", "limit=idle"]) => break,
-            _ = beat.tick() => {
-                canary.check().await;
-            }
-        }
-    }
+    canary
+        .busy_until(server.log_line(&["outcome=limit", "limit=idle"]))
+        .await;
     let (cpu, elapsed) = (cpu_time(server.pid()) - cpu_before, start.elapsed());
     assert!(
         cpu < elapsed / 4,
@@ -329,18 +321,7 @@ async fn neverread_while_client_pushes() {
         }
         pushed
     });
-    // The canary stays busy (so the idle timeout never touches it) until
-    // the server has cut the pusher off.
-    let mut pusher = std::pin::pin!(pusher);
-    let mut beat = tokio::time::interval(Duration::from_millis(50));
-    let pushed = loop {
-        tokio::select! {
-            pushed = &mut pusher => break pushed.unwrap(),
-            _ = beat.tick() => {
-                canary.check().await;
-            }
-        }
-    };
+    let pushed = canary.busy_until(pusher).await.unwrap();
     server.log_line(&["outcome=limit", "limit=idle"]).await;
     let after = proc_status_kib(server.pid(), "VmRSS");
     println!(

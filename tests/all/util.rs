@@ -483,6 +483,22 @@ impl Canary {
         canary
     }
 
+    /// Keep echoing, a round every 50ms, until `until` completes (so the
+    /// idle timeout never takes the canary, and every round proves the
+    /// server still answers); returns what `until` gave.
+    pub async fn busy_until<T>(&mut self, until: impl std::future::Future<Output = T>) -> T {
+        let mut until = std::pin::pin!(until);
+        let mut beat = tokio::time::interval(std::time::Duration::from_millis(50));
+        loop {
+            tokio::select! {
+                out = &mut until => return out,
+                _ = beat.tick() => {
+                    self.check().await;
+                }
+            }
+        }
+    }
+
     pub async fn check(&mut self) -> Duration {
         self.round += 1;
         let msg = pattern(64, self.round);
