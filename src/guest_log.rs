@@ -16,6 +16,11 @@ use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
 /// however many handles on the stream it takes.
 const MAX_LINE: usize = 4096;
 
+/// The log target of guest output. Guest lines are logged at `info`; the
+/// host's warning that a guest reached its limit shares the target but not
+/// the level, which is how the log queue tells them apart.
+pub const TARGET: &str = "guest";
+
 /// How much a guest may hand over in one `write`: generous for log lines,
 /// small enough that a single call cannot make the host copy much.
 const WRITE_PERMIT: usize = 64 * 1024;
@@ -93,13 +98,13 @@ impl Stream {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
         match left {
             Ok(1) => tracing::warn!(
-                target: "guest",
+                target: TARGET,
                 conn = self.conn,
                 stream = self.name,
                 "guest output limit reached; further lines from this connection are dropped"
             ),
             Ok(_) => tracing::info!(
-                target: "guest",
+                target: TARGET,
                 conn = self.conn,
                 stream = self.name,
                 "{}",

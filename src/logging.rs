@@ -26,6 +26,13 @@ use tracing_subscriber::fmt::MakeWriter;
 /// second, each logging its close line, it covers 0.4 s of stalled stderr.
 pub const QUEUE_LINES: usize = 8192;
 
+/// Lines of guest output (target `guest`) the queue takes before it drops
+/// them: three quarters of it. The last quarter is kept for the host's own
+/// lines (close lines, limit warnings, errors), so that guests printing
+/// while stderr lags cannot crowd out the lines that say what happened to
+/// them.
+pub const GUEST_QUEUE_LINES: usize = QUEUE_LINES / 4 * 3;
+
 /// Bytes the writer thread gathers into one `write` to stderr. It writes
 /// whenever the queue runs empty, so lines are not held back; under load it
 /// writes many lines per system call.
@@ -71,16 +78,20 @@ struct Queue {
 }
 
 /// One event's writer: `fmt` formats an event, then writes it with one
-/// `write_all`, which becomes one queued line.
-struct LineWriter(&'static Queue);
+/// `write_all`, which becomes one queued line, unless the queue already
+/// holds `limit` lines.
+struct LineWriter {
+    queue: &'static Queue,
+    limit: usize,
+}
 
 impl Write for LineWriter {
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
-        let queue = self.0;
+        let queue = self.queue;
         // Counted before the send, so the writer never takes a line the
         // count does not hold yet.
-        queue.queued.fetch_add(1, Ordering::Relaxed);
-        if queue.tx.try_send(Msg::Line(line.to_vec())).is_err() {
+        let ahead = queue.queued.fetch_add(1, Ordering::Relaxed);
+        if ahead >= self.limit || queue.tx.try_send(Msg::Line(line.to_vec())).is_err() {
             queue.queued.fetch_sub(1, Ordering::Relaxed);
             DROPPED.fetch_add(1, Ordering::Relaxed);
         }
@@ -99,7 +110,24 @@ impl<'a> MakeWriter<'a> for ToQueue {
     type Writer = LineWriter;
 
     fn make_writer(&'a self) -> LineWriter {
-        LineWriter(self.0)
+        LineWriter {
+            queue: self.0,
+            limit: QUEUE_LINES,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> LineWriter {
+        let guest_output =
+            meta.target() == crate::guest_log::TARGET && *meta.level() == tracing::Level::INFO;
+        let limit = if guest_output {
+            GUEST_QUEUE_LINES
+        } else {
+            QUEUE_LINES
+        };
+        LineWriter {
+            queue: self.0,
+            limit,
+        }
     }
 }
 

@@ -67,24 +67,14 @@ async fn a_non_blocking_stderr_gets_whole_lines() {
     let (mut server, unstall) = Binary::start_stalled(&mut cmd).await;
     serve_all(server.addr).await;
     unstall.send(()).unwrap();
-    server.signal(libc::SIGTERM);
-    let read_all = async {
-        let mut closed = 0;
-        while let Some(line) = server.stderr.recv().await {
-            assert!(
-                line.starts_with("20") && timestamps(&line) == 1,
-                "a line cut short or glued to another: {line}"
-            );
-            closed += usize::from(line.contains("connection closed"));
-            if line.contains("shutdown complete") {
-                return (closed, line);
-            }
-        }
-        panic!("stderr closed before the shutdown summary");
-    };
-    let (closed, summary) = tokio::time::timeout(PATIENCE, read_all)
-        .await
-        .expect("the shutdown summary in time");
+    let (lines, summary) = lines_to_summary(&mut server).await;
+    for line in &lines {
+        assert!(
+            line.starts_with("20") && timestamps(line) == 1,
+            "a line cut short or glued to another: {line}"
+        );
+    }
+    let closed = count(&lines, "connection closed");
     assert!(closed > 0, "no close line at all");
     assert!(field(&summary, "log_lines_dropped") >= 1.0, "{summary}");
     let status = tokio::time::timeout(PATIENCE, server.child.wait())
@@ -92,6 +82,60 @@ async fn a_non_blocking_stderr_gets_whole_lines() {
         .expect("the server exits")
         .unwrap();
     assert_eq!(status.code(), Some(0));
+}
+
+/// Connections that each print 1000 lines (the guest output cap) while
+/// nothing reads stderr: 20,000 guest lines, more than twice the queue.
+const FLOODERS: usize = 20;
+
+/// Ensure guests that print while stderr is stalled cannot crowd the host's
+/// own lines out of the log queue: once stderr is read again, every
+/// flooding connection's limit warning and close line is there, though
+/// guest lines were dropped. (With one queue for all, the queue filled with
+/// guest lines after eight connections and the later ones' lines were
+/// lost.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_output_cannot_crowd_out_host_lines() {
+    let (mut server, unstall) = Binary::start_stalled(&mut fixture_command("logflood", &[])).await;
+    for _ in 0..FLOODERS {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        stream.write_all(b"lines").await.unwrap();
+        let mut reply = [0u8; 5];
+        tokio::time::timeout(PER_CONNECTION, stream.read_exact(&mut reply))
+            .await
+            .expect("logflood answers")
+            .unwrap();
+        assert_eq!(&reply, b"done\n");
+    }
+    unstall.send(()).unwrap();
+    let (lines, summary) = lines_to_summary(&mut server).await;
+    assert!(field(&summary, "log_lines_dropped") >= 1.0, "{summary}");
+    assert_eq!(count(&lines, "guest output limit reached"), FLOODERS);
+    assert_eq!(count(&lines, "connection closed"), FLOODERS);
+}
+
+/// SIGTERM the server and read its stderr up to the shutdown summary:
+/// the lines before it, and the summary.
+async fn lines_to_summary(server: &mut Binary) -> (Vec<String>, String) {
+    server.signal(libc::SIGTERM);
+    let read_all = async {
+        let mut lines = Vec::new();
+        while let Some(line) = server.stderr.recv().await {
+            if line.contains("shutdown complete") {
+                return (lines, line);
+            }
+            lines.push(line);
+        }
+        panic!("stderr closed before the shutdown summary");
+    };
+    tokio::time::timeout(PATIENCE, read_all)
+        .await
+        .expect("the shutdown summary in time")
+}
+
+/// How many of `lines` contain `needle`.
+fn count(lines: &[String], needle: &str) -> usize {
+    lines.iter().filter(|line| line.contains(needle)).count()
 }
 
 /// How many log-line heads (a timestamp and a level) `line` holds.
