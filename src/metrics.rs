@@ -184,6 +184,12 @@ pub fn render(stats: &Stats, handler: &Reloader) -> String {
             one(current.generation()),
         ),
         (
+            "module_generations_loaded",
+            "gauge",
+            "Handler generations in memory: the one in service plus earlier ones that open connections still run.",
+            one(stats.loaded_generations()),
+        ),
+        (
             "reloads_total",
             "counter",
             "Reloads that put a new handler in service.",

@@ -2,6 +2,7 @@
 //! while every open connection finishes on the one it started with.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
@@ -38,11 +39,12 @@ impl Reloader {
     /// Serve `runtime` until the first reload, which reads `module` (with
     /// compiled code cached in `cache_dir`).
     pub(crate) fn new(
-        runtime: Runtime,
+        mut runtime: Runtime,
         module: PathBuf,
         cache_dir: Option<PathBuf>,
         stats: Arc<Stats>,
     ) -> Reloader {
+        runtime.loaded = Some(Loaded::new(&stats, runtime.generation()));
         Reloader {
             shared: Arc::new(Shared {
                 current: RwLock::new(Arc::new(runtime)),
@@ -88,8 +90,9 @@ impl Reloader {
         .and_then(|loaded| loaded);
         let ms = started.elapsed().as_millis() as u64;
         match loaded {
-            Ok(next) => {
+            Ok(mut next) => {
                 let generation = next.generation();
+                next.loaded = Some(Loaded::new(&self.shared.stats, generation));
                 let previous = std::mem::replace(
                     &mut *self
                         .shared
@@ -98,6 +101,9 @@ impl Reloader {
                         .unwrap_or_else(|poisoned| poisoned.into_inner()),
                     Arc::new(next),
                 );
+                if let Some(loaded) = &previous.loaded {
+                    loaded.replaced.store(true, Ordering::Relaxed);
+                }
                 // If no connection still runs the previous generation, this
                 // is its last reference, and dropping it resets every pool
                 // slot that held its memory image: do that off the async
@@ -118,5 +124,39 @@ impl Reloader {
                 Err(e)
             }
         }
+    }
+}
+
+/// Counts a generation of the handler in [`Stats::loaded_generations`]
+/// while its `Runtime` lives, and says when a replaced generation leaves
+/// memory: the moment its last connection has ended, after which a reload
+/// has fully taken effect.
+pub(crate) struct Loaded {
+    stats: Arc<Stats>,
+    generation: u64,
+    /// Set when a reload put another generation in service.
+    replaced: AtomicBool,
+}
+
+impl Loaded {
+    fn new(stats: &Arc<Stats>, generation: u64) -> Loaded {
+        stats.generation_loaded();
+        Loaded {
+            stats: stats.clone(),
+            generation,
+            replaced: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Drop for Loaded {
+    fn drop(&mut self) {
+        if self.replaced.load(Ordering::Relaxed) {
+            tracing::info!(
+                generation = self.generation,
+                "previous module unloaded: no connection runs it any more"
+            );
+        }
+        self.stats.generation_unloaded();
     }
 }

@@ -64,6 +64,9 @@ pub struct Runtime {
     /// run; shared by every generation of the handler and stopped and
     /// joined when the last of them is dropped.
     _ticker: Arc<Ticker>,
+    /// Counts this generation as loaded while it is in memory; set by the
+    /// [`crate::reload::Reloader`] that serves it.
+    pub(crate) loaded: Option<crate::reload::Loaded>,
 }
 
 impl Runtime {
@@ -120,6 +123,7 @@ impl Runtime {
             generation: 1,
             capacity: checked.counts,
             _ticker: Arc::new(ticker),
+            loaded: None,
         })
     }
 
@@ -146,6 +150,7 @@ impl Runtime {
             generation: self.generation + 1,
             capacity: self.capacity,
             _ticker: self._ticker.clone(),
+            loaded: None,
         })
     }
 

@@ -73,6 +73,7 @@ pub struct Stats {
     accept_errors: AtomicU64,
     reloads: AtomicU64,
     failed_reloads: AtomicU64,
+    loaded_generations: AtomicU64,
     outcomes: [AtomicU64; OutcomeKind::ALL.len()],
     limits: [AtomicU64; LimitKind::ALL.len()],
     changed: Notify,
@@ -124,6 +125,14 @@ impl Stats {
     /// Reloads that were refused, leaving the previous component in service.
     pub fn failed_reloads(&self) -> u64 {
         self.failed_reloads.load(Ordering::Relaxed)
+    }
+
+    /// Generations of the handler in memory: the one new connections get,
+    /// plus each earlier one that a connection still runs. An earlier
+    /// generation's compiled code stays loaded until its last connection
+    /// ends, as Erlang keeps old code while a process runs it.
+    pub fn loaded_generations(&self) -> u64 {
+        self.loaded_generations.load(Ordering::Relaxed)
     }
 
     /// Log lines the process dropped because stderr did not keep up (see
@@ -212,6 +221,16 @@ impl Stats {
             },
             1,
         );
+    }
+
+    /// Count a generation of the handler as loaded; it is counted unloaded
+    /// when `loaded` changes it back with [`Stats::generation_unloaded`].
+    pub(crate) fn generation_loaded(&self) {
+        self.bump(&self.loaded_generations, 1);
+    }
+
+    pub(crate) fn generation_unloaded(&self) {
+        self.bump(&self.loaded_generations, -1);
     }
 
     /// Count an accepted connection; the guard counts it closed when dropped.

@@ -48,8 +48,8 @@ fn sample(body: &str, name: &str) -> u64 {
         .unwrap()
 }
 
-/// Ensure the endpoint reports connections by outcome, reloads and the
-/// handler's generation as they happen, answers only GET /metrics, and
+/// Ensure the endpoint reports connections by outcome, reloads, the
+/// handler's generation and the generations still loaded as they happen, answers only GET /metrics, and
 /// keeps answering while another client holds a connection to it open
 /// without sending anything.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,12 +111,27 @@ async fn metrics_follow_the_server() {
     assert_eq!(sample(&body, "stores_live"), 0);
     assert!(body.contains("# TYPE wasm_sockserver_connections_closed_total counter"));
 
+    // A connection held across a reload keeps generation 1 loaded.
+    let mut held = TcpStream::connect(server.addr).await.unwrap();
+    let mut first_line = Vec::new();
+    while !first_line.ends_with(b"\n") {
+        let mut byte = [0u8; 1];
+        held.read_exact(&mut byte).await.unwrap();
+        first_line.push(byte[0]);
+    }
+    assert_eq!(sample(&scrape(addr).await, "module_generations_loaded"), 1);
     server.signal(libc::SIGHUP);
     server.log_line(&["module reloaded"]).await;
     let body = scrape(addr).await;
     assert_eq!(sample(&body, "module_generation"), 2);
+    assert_eq!(sample(&body, "module_generations_loaded"), 2);
     assert_eq!(sample(&body, "reloads_total"), 1);
     assert_eq!(sample(&body, "reload_failures_total"), 0);
+    held.shutdown().await.unwrap();
+    read_to_close(&mut held).await;
+    let unloaded = server.log_line(&["previous module unloaded"]).await;
+    assert!(unloaded.contains("generation=1"), "{unloaded}");
+    assert_eq!(sample(&scrape(addr).await, "module_generations_loaded"), 1);
 
     // Prometheus adds a query string when a scrape config sets `params`.
     let (status, _) = get(addr, "GET /metrics?module=x HTTP/1.1\r\n\r\n").await;

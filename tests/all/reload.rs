@@ -71,6 +71,7 @@ async fn reloads_under_churn_lose_nothing() {
     let (dir, module) = stage(&guest("echo"));
     let server = TestServer::start(config_for(module.clone())).await;
     let first = Arc::downgrade(&server.reloader.current());
+    assert_eq!(server.stats.loaded_generations(), 1);
 
     let mut held = server.connect().await;
     assert_eq!(ping(&mut held, b"held").await, b"held");
@@ -123,19 +124,15 @@ async fn reloads_under_churn_lose_nothing() {
     // The held connection still runs generation 1, which is still loaded.
     assert_eq!(ping(&mut held, b"still here").await, b"still here");
     assert!(first.upgrade().is_some());
+    assert!(server.stats.loaded_generations() >= 2);
     drop(held);
     server
         .wait_for("every connection closed", |s| s.open_connections() == 0)
         .await;
-    // The connection's task drops its runtime just after it counts itself
-    // closed, with no event in between to wait for: look again until then.
-    tokio::time::timeout(PATIENCE, async {
-        while first.upgrade().is_some() {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-    })
-    .await
-    .expect("generation 1 outlived its last connection");
+    server
+        .wait_for("generation 1 unloaded", |s| s.loaded_generations() == 1)
+        .await;
+    assert!(first.upgrade().is_none(), "generation 1 still in memory");
 
     assert_eq!(server.stats.reloads(), 3);
     assert_eq!(server.stats.failed_reloads(), 1);
