@@ -151,12 +151,13 @@ fn new_store(runtime: &Runtime, id: u64) -> Store<HostState> {
         .build();
     let mut table = ResourceTable::new();
     table.set_max_capacity(limits::MAX_TABLE_ENTRIES);
+    let cpu = CpuMeter::new(limits.max_cpu, runtime.pulse.clone());
     let state = HostState {
         wasi,
         table,
         socket: None,
-        limiter: Limiter::new(limits),
-        cpu: CpuMeter::new(limits.max_cpu, runtime.pulse.clone()),
+        limiter: Limiter::new(limits, &cpu),
+        cpu,
         cpu_exhausted: false,
     };
     let mut store = Store::new(&runtime.engine, state);
@@ -173,6 +174,7 @@ fn new_store(runtime: &Runtime, id: u64) -> Store<HostState> {
         if state.cpu.running_for() < limits::YIELD_AFTER {
             return Ok(UpdateDeadline::Continue(1));
         }
+        state.cpu.yielding();
         Ok(UpdateDeadline::YieldCustom(
             1,
             Box::pin(tokio::task::yield_now()),
@@ -281,7 +283,7 @@ fn classify(store: &Store<HostState>, error: wasmtime::Error, what: &str) -> Out
     if state.cpu_exhausted {
         return Outcome::Limit(LimitKind::Cpu);
     }
-    if state.limiter.refused_memory {
+    if state.limiter.out_of_memory() {
         return Outcome::Limit(LimitKind::Memory);
     }
     // The host's resource table and the component's handle table are both

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime::{ResourceLimiter, StoreLimits, StoreLimitsBuilder};
@@ -137,16 +137,28 @@ impl fmt::Display for LimitKind {
     }
 }
 
-/// `StoreLimits` plus a record of whether it refused anything, so the
+/// `StoreLimits` plus a record of its last memory refusal, so the
 /// connection can be reported as ended by the `memory` limit rather than by
 /// whatever trap the guest hit after its allocation failed.
 pub struct Limiter {
     inner: StoreLimits,
-    pub refused_memory: bool,
+    /// The guest's CPU clock, which counts its waits.
+    clock: Arc<CpuClock>,
+    /// How many times the guest had waited when memory was last refused.
+    refused_after: Option<u64>,
 }
 
 impl Limiter {
-    pub fn new(limits: &Limits) -> Self {
+    /// Whether the guest is still in the run in which its memory was
+    /// refused: it has not waited since (for the client, a clock or
+    /// anything else), so a trap now is the refusal's consequence, as when
+    /// Rust or C abort on a failed allocation. A guest that recovered and
+    /// went back to waiting is judged afresh by its next trap.
+    pub fn out_of_memory(&self) -> bool {
+        self.refused_after == Some(self.clock.waits.load(Ordering::Relaxed))
+    }
+
+    pub fn new(limits: &Limits, meter: &CpuMeter) -> Self {
         let inner = StoreLimitsBuilder::new()
             .memory_size(limits.max_memory)
             .table_elements(MAX_TABLE_ELEMENTS)
@@ -156,7 +168,8 @@ impl Limiter {
             .build();
         Limiter {
             inner,
-            refused_memory: false,
+            clock: meter.clock.clone(),
+            refused_after: None,
         }
     }
 }
@@ -170,7 +183,7 @@ impl ResourceLimiter for Limiter {
     ) -> wasmtime::Result<bool> {
         let allowed = self.inner.memory_growing(current, desired, maximum)?;
         if !allowed {
-            self.refused_memory = true;
+            self.refused_after = Some(self.clock.waits.load(Ordering::Relaxed));
         }
         Ok(allowed)
     }
@@ -223,6 +236,12 @@ pub struct CpuClock {
     /// When the poll in progress started (nanoseconds after `base`, plus
     /// one so that 0 means "not polling").
     polling_since: AtomicU64,
+    /// Polls that left the guest suspended other than for an epoch yield:
+    /// times it waited for the client, a clock or another event.
+    waits: AtomicU64,
+    /// Set by [`CpuMeter::yielding`]: the poll in progress is suspending
+    /// the guest to let others run, not to wait.
+    yielding: AtomicBool,
 }
 
 impl CpuClock {
@@ -237,6 +256,8 @@ impl CpuMeter {
             base: Instant::now(),
             used: AtomicU64::new(0),
             polling_since: AtomicU64::new(0),
+            waits: AtomicU64::new(0),
+            yielding: AtomicBool::new(false),
         };
         CpuMeter {
             budget,
@@ -273,6 +294,12 @@ impl CpuMeter {
         self.pulse.check_in();
     }
 
+    /// Record that the epoch callback is suspending the guest to let
+    /// others run, so the suspension is not counted as a wait.
+    pub fn yielding(&self) {
+        self.clock.yielding.store(true, Ordering::Relaxed);
+    }
+
     pub fn exhausted(&self) -> bool {
         self.used() >= self.budget
     }
@@ -291,6 +318,10 @@ impl CpuMeter {
             clock
                 .used
                 .fetch_add(clock.now().saturating_sub(start), Ordering::Relaxed);
+            let yielded = clock.yielding.swap(false, Ordering::Relaxed);
+            if result.is_pending() && !yielded {
+                clock.waits.fetch_add(1, Ordering::Relaxed);
+            }
             result
         })
     }
@@ -331,6 +362,21 @@ mod tests {
             "{used:?}"
         );
         assert!(!meter.exhausted());
+    }
+
+    /// A suspension counts as a wait unless the epoch callback announced it
+    /// as a yield: the memory limit's blame ends at the guest's next wait.
+    #[test]
+    fn counts_waits_not_yields() {
+        let meter = CpuMeter::new(Duration::from_secs(10), Arc::default());
+        let runtime = runtime();
+        let inside = meter.clone();
+        runtime.block_on(meter.measure(async move {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            inside.yielding();
+            tokio::task::yield_now().await;
+        }));
+        assert_eq!(meter.clock.waits.load(Ordering::Relaxed), 1);
     }
 
     /// `running_for` is what the epoch callback uses to decide whether to

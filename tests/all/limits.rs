@@ -124,6 +124,34 @@ async fn membomb_is_capped() {
     assert!(server.stop().await.contains("live_stores=0"));
 }
 
+/// Ensure a trap is blamed on the memory limit only while the guest is
+/// still in the run whose allocation was refused: a guest that aborts on
+/// the refusal ends with `limit=memory`; one that recovers (answers, waits
+/// for the client) and later aborts for another reason ends with a trap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_refusal_blamed_only_until_the_guest_waits() {
+    let mut server = start("membomb", &["--max-memory", "32MiB"]).await;
+
+    trigger(server.addr, b"tryabort").await;
+    let line = server.log_line(&["connection closed"]).await;
+    assert!(line.contains("limit=memory"), "{line}");
+
+    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    assert_eq!(ping(&mut stream, b"tryhoard").await, b"refused\n");
+    assert_eq!(ping(&mut stream, b"still here").await, b"still here");
+    stream.write_all(b"abort").await.unwrap();
+    let (rest, _) = read_to_close(&mut stream).await;
+    assert!(rest.is_empty(), "{rest:?}");
+    let line = server.log_line(&["connection closed"]).await;
+    assert!(line.contains("outcome=trap"), "{line}");
+
+    let summary = server.stop().await;
+    assert!(
+        summary.contains("limit_memory=1 ") && summary.contains(" trap=1"),
+        "{summary}"
+    );
+}
+
 /// Ensure unbounded recursion ends in a stack-overflow trap and the
 /// process carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
