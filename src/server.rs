@@ -28,6 +28,13 @@ pub const BACKLOG: u32 = 65_535;
 /// (descriptors, buffers, memory) ran out. Retrying at once would spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Transient accept errors (see [`is_transient`]) in a row that are retried
+/// at once. One more, with no connection accepted in between, means the
+/// error is not about one connection (a seccomp filter or a security module
+/// refusing every `accept` with EPERM, say): from then on it is backed off
+/// and warned about like any other, or the acceptor would spin on it.
+const TRANSIENT_STREAK: u32 = 16;
+
 /// At most one accept-error warning per this interval; the rest are counted
 /// and reported with the next warning.
 const ACCEPT_WARN_INTERVAL: Duration = Duration::from_secs(1);
@@ -175,6 +182,7 @@ impl Server {
         let permits = Arc::new(Semaphore::new(self.max_connections));
         let mut warnings = AcceptWarnings::default();
         let mut next_id: u64 = 1;
+        let mut transient_streak = 0;
         loop {
             // The permit comes first: at the limit we stop calling accept and
             // the kernel's backlog holds new clients (backpressure, as in
@@ -186,7 +194,8 @@ impl Server {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     self.stats.accept_error();
-                    if is_transient(&e) {
+                    transient_streak += u32::from(is_transient(&e));
+                    if is_transient(&e) && transient_streak <= TRANSIENT_STREAK {
                         tracing::debug!(error = %e, "accept failed; retrying");
                     } else {
                         warnings.warn(&e);
@@ -195,6 +204,7 @@ impl Server {
                     continue;
                 }
             };
+            transient_streak = 0;
             let _ = tcp.set_nodelay(true);
             let id = next_id;
             next_id += 1;

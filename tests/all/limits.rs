@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::util::{
-    Binary, Canary, cpu_time, field, ping, proc_status_kib, read_to_close, set_nofile,
+    Binary, Canary, cpu_time, deny_accept, field, ping, proc_status_kib, read_to_close, set_nofile,
 };
 
 async fn start(fixture: &str, extra: &[&str]) -> Binary {
@@ -423,6 +423,33 @@ async fn saturated_server_is_quiet() {
     }
     server.log_lines(&["connection closed"], 5).await;
     server.stop().await;
+}
+
+/// Ensure an accept error that is transient by its code but refuses every
+/// connection (EPERM from a seccomp filter) is backed off after a few
+/// immediate retries instead of spinning the acceptor: the warning comes,
+/// and in a second the server spends little CPU and counts few errors.
+/// (Retried at once for ever, it made about 200,000 accept calls and used
+/// a whole CPU.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_refused_for_good_is_backed_off() {
+    // SAFETY: the setup only calls prctl, which is async-signal-safe.
+    let mut server = unsafe { Binary::fixture_with("echo", &[], deny_accept()) }.await;
+    let _client = TcpStream::connect(server.addr).await.unwrap();
+    server
+        .log_line(&["accept failed; backing off", "Operation not permitted"])
+        .await;
+    let cpu_before = cpu_time(server.pid());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let used = cpu_time(server.pid()) - cpu_before;
+    let summary = server.stop().await;
+    let errors = field(&summary, "accept_errors");
+    println!("refused accepts: {used:?} CPU in 1 s, {errors} accept errors in all");
+    assert!(
+        used < Duration::from_millis(300),
+        "server used {used:?} CPU while every accept failed"
+    );
+    assert!((17.0..200.0).contains(&errors), "{summary}");
 }
 
 /// Ensure that when the server runs out of file descriptors (EMFILE) it

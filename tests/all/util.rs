@@ -467,6 +467,49 @@ pub fn set_nofile(
     }
 }
 
+/// A [`Binary::fixture_with`] setup that installs a seccomp filter making
+/// every `accept` and `accept4` fail with EPERM, as a systemd
+/// `SystemCallFilter=` that leaves them out does. Everything else is
+/// allowed, so the server starts and listens.
+pub fn deny_accept() -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+    let op = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let jeq = libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K;
+    let ret = libc::BPF_RET | libc::BPF_K;
+    let filter = [
+        // Load the system call number; deny the two accepts.
+        op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 0),
+        op(jeq, libc::SYS_accept4 as u32, 2, 0),
+        op(jeq, libc::SYS_accept as u32, 1, 0),
+        op(ret, libc::SECCOMP_RET_ALLOW, 0, 0),
+        op(ret, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32, 0, 0),
+    ];
+    move || {
+        let program = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr().cast_mut(),
+        };
+        // SAFETY: prctl is async-signal-safe; the kernel copies `program`
+        // and the filter it points to, which outlive the calls.
+        let installed = unsafe {
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+                && libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &program as *const libc::sock_fprog,
+                ) == 0
+        };
+        if !installed {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
 /// A canary: one echo connection that must keep round-tripping correct
 /// bytes. `check` returns the round-trip time.
 pub struct Canary {
