@@ -429,8 +429,8 @@ async fn saturated_server_is_quiet() {
 /// connection (EPERM from a seccomp filter) is backed off after a few
 /// immediate retries instead of spinning the acceptor: the warning comes,
 /// and in a second the server spends little CPU and counts few errors.
-/// (Retried at once for ever, it made about 200,000 accept calls and used
-/// a whole CPU.)
+/// (Retried at once for ever, the debug build made 1.6 million accept calls
+/// in 1.2 s and used 1.01 s of CPU in the measured second.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accept_refused_for_good_is_backed_off() {
     // SAFETY: the setup only calls prctl, which is async-signal-safe.
