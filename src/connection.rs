@@ -16,8 +16,8 @@ use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 
 use crate::guest_log::GuestLog;
 use crate::hostcalls::SocketStreams;
-use crate::limits::{self, CpuMeter, LimitKind, Limiter};
-use crate::runtime::Runtime;
+use crate::limits::{self, CpuMeter, LimitKind, Limiter, Limits};
+use crate::runtime::{Pulse, Runtime};
 use crate::stats::{OutcomeKind, Stats};
 use crate::streams::{Socket, SocketInput, SocketOutput};
 
@@ -138,11 +138,10 @@ impl fmt::Display for Outcome {
     }
 }
 
-/// Build the Store for one connection: a WASI context that grants nothing
+/// The data of connection `id`'s Store: a WASI context that grants nothing
 /// (no preopens, environment, arguments or sockets; stdout and stderr go to
 /// the log), the per-connection limits and the CPU meter.
-fn new_store(runtime: &Runtime, id: u64) -> Store<HostState> {
-    let limits = runtime.limits();
+fn host_state(limits: &Limits, pulse: Arc<Pulse>, id: u64) -> HostState {
     let (stdout, stderr) = GuestLog::pair(id, limits::GUEST_LOG_LINES);
     let wasi = WasiCtxBuilder::new()
         .stdout(stdout)
@@ -151,15 +150,22 @@ fn new_store(runtime: &Runtime, id: u64) -> Store<HostState> {
         .build();
     let mut table = ResourceTable::new();
     table.set_max_capacity(limits::MAX_TABLE_ENTRIES);
-    let cpu = CpuMeter::new(limits.max_cpu, runtime.pulse.clone());
-    let state = HostState {
+    let cpu = CpuMeter::new(limits.max_cpu, pulse);
+    HostState {
         wasi,
         table,
         socket: None,
         limiter: Limiter::new(limits, &cpu),
         cpu,
         cpu_exhausted: false,
-    };
+    }
+}
+
+/// Build the Store for one connection: its [`HostState`], the limiter, the
+/// host-call fuel and handle caps, and the epoch callback that charges and
+/// yields.
+fn new_store(runtime: &Runtime, id: u64) -> Store<HostState> {
+    let state = host_state(runtime.limits(), runtime.pulse.clone(), id);
     let mut store = Store::new(&runtime.engine, state);
     store.limiter(|state| &mut state.limiter);
     store.set_hostcall_fuel(limits::HOSTCALL_FUEL);
@@ -262,24 +268,33 @@ async fn run(
             .pre
             .instantiate_async(&mut store)
             .await
-            .map_err(|e| (e, "failed to instantiate the handler"))?;
+            .map_err(|e| (e, Phase::Instantiate))?;
         instance
             .sockserver_handler_handler()
             .call_handle(&mut store, conn, input, output)
             .await
-            .map_err(|e| (e, "trap"))
+            .map_err(|e| (e, Phase::Handle))
     };
     match meter.measure(run).await {
         Ok(Ok(())) => Outcome::Ok,
         Ok(Err(msg)) => Outcome::Err(crate::guest_log::sanitize(&msg, 256)),
-        Err((e, what)) => classify(&store, e, what),
+        Err((e, phase)) => classify(store.data(), e, phase),
     }
 }
 
+/// Where the guest was when its run ended in an error.
+#[derive(Clone, Copy, Debug)]
+enum Phase {
+    /// Instantiating: start functions run guest code, and the pool and
+    /// the limits can refuse an instance.
+    Instantiate,
+    /// Inside `handle`.
+    Handle,
+}
+
 /// Turn an error from instantiating or calling the guest into an outcome:
-/// which limit caused it, or a trap with its message.
-fn classify(store: &Store<HostState>, error: wasmtime::Error, what: &str) -> Outcome {
-    let state = store.data();
+/// which limit caused it, a trap with its message, or a host failure.
+fn classify(state: &HostState, error: wasmtime::Error, phase: Phase) -> Outcome {
     if state.cpu_exhausted {
         return Outcome::Limit(LimitKind::Cpu);
     }
@@ -288,22 +303,38 @@ fn classify(store: &Store<HostState>, error: wasmtime::Error, what: &str) -> Out
     }
     // The host's resource table and the component's handle table are both
     // capped at MAX_TABLE_ENTRIES; wasmtime reports the latter only as text.
+    // The table's other errors (a resource dropped while it has children, a
+    // handle of the wrong type) are the guest's bugs: traps.
     let handle_limit = error
         .chain()
         .any(|cause| cause.to_string().contains("handle limit exceeded"));
-    if handle_limit || error.downcast_ref::<ResourceTableError>().is_some() {
+    let table_full = matches!(
+        error.downcast_ref::<ResourceTableError>(),
+        Some(ResourceTableError::Full)
+    );
+    if handle_limit || table_full {
         return Outcome::Limit(LimitKind::Table);
     }
-    tracing::debug!(error = ?error, "{what} details");
-    let message = match error.downcast_ref::<Trap>() {
+    // The full chain includes the wasm backtrace, whose function names the
+    // guest chose: escaped like any guest text.
+    tracing::debug!(
+        error = %crate::guest_log::sanitize(&format!("{error:?}"), 64 * 1024),
+        ?phase,
+        "guest error details"
+    );
+    let trap = error.downcast_ref::<Trap>();
+    let message = match trap {
         Some(trap) => trap.to_string(),
         None => error.root_cause().to_string(),
     };
-    let first = message.lines().next().unwrap_or("").to_string();
-    if what == "trap" {
-        Outcome::Trap(first)
-    } else {
-        Outcome::Failed(format!("{what}: {first}"))
+    let first = crate::guest_log::sanitize(message.lines().next().unwrap_or(""), 256);
+    match (phase, trap) {
+        (Phase::Handle, _) => Outcome::Trap(first),
+        // A start function's trap is the guest's fault, not the host's.
+        (Phase::Instantiate, Some(_)) => Outcome::Trap(format!("while instantiating: {first}")),
+        (Phase::Instantiate, None) => {
+            Outcome::Failed(format!("failed to instantiate the handler: {first}"))
+        }
     }
 }
 
@@ -455,5 +486,56 @@ pub(crate) async fn serve(
     // connections.
     if let Some(last) = Arc::into_inner(runtime) {
         tokio::task::spawn_blocking(move || drop(last));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> HostState {
+        host_state(&Limits::default(), Arc::default(), 1)
+    }
+
+    /// A start function that traps is the guest's fault: a trap, not the
+    /// host's `failed`, which stays for errors that are not traps.
+    #[test]
+    fn a_trap_while_instantiating_is_a_trap() {
+        let trap = wasmtime::Error::from(Trap::UnreachableCodeReached);
+        let outcome = classify(&state(), trap, Phase::Instantiate);
+        assert!(
+            matches!(&outcome, Outcome::Trap(m) if m.starts_with("while instantiating: ")
+                && m.contains("unreachable")),
+            "{outcome:?}"
+        );
+        let refused = wasmtime::Error::msg("maximum concurrent instance limit reached");
+        let outcome = classify(&state(), refused, Phase::Instantiate);
+        assert!(matches!(outcome, Outcome::Failed(_)), "{outcome:?}");
+    }
+
+    /// Only a full table is the table limit; its other errors are traps.
+    #[test]
+    fn only_a_full_table_is_the_table_limit() {
+        let full = wasmtime::Error::from(ResourceTableError::Full);
+        assert_eq!(
+            classify(&state(), full, Phase::Handle),
+            Outcome::Limit(LimitKind::Table)
+        );
+        let children = wasmtime::Error::from(ResourceTableError::HasChildren);
+        let outcome = classify(&state(), children, Phase::Handle);
+        assert!(matches!(outcome, Outcome::Trap(_)), "{outcome:?}");
+    }
+
+    /// Text in an error that the guest may have chosen reaches the close
+    /// line escaped.
+    #[test]
+    fn error_text_is_escaped() {
+        let forged = wasmtime::Error::msg("boom\x1b[2J FAKE outcome=ok\nsecond line");
+        let outcome = classify(&state(), forged, Phase::Handle);
+        assert_eq!(
+            outcome,
+            Outcome::Trap("boom\\u{1b}[2J FAKE outcome=ok".into()),
+            "{outcome:?}"
+        );
     }
 }

@@ -146,6 +146,8 @@ pub struct Limiter {
     clock: Arc<CpuClock>,
     /// How many times the guest had waited when memory was last refused.
     refused_after: Option<u64>,
+    /// `--max-memory`: only a refusal to grow past it is the server's limit.
+    max_memory: usize,
 }
 
 impl Limiter {
@@ -170,6 +172,7 @@ impl Limiter {
             inner,
             clock: meter.clock.clone(),
             refused_after: None,
+            max_memory: limits.max_memory,
         }
     }
 }
@@ -182,7 +185,9 @@ impl ResourceLimiter for Limiter {
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         let allowed = self.inner.memory_growing(current, desired, maximum)?;
-        if !allowed {
+        // `StoreLimits` also refuses growth past the memory's own declared
+        // maximum: that is the module's limit, and the guest's failure.
+        if !allowed && desired > self.max_memory {
             self.refused_after = Some(self.clock.waits.load(Ordering::Relaxed));
         }
         Ok(allowed)
@@ -377,6 +382,23 @@ mod tests {
             tokio::task::yield_now().await;
         }));
         assert_eq!(meter.clock.waits.load(Ordering::Relaxed), 1);
+    }
+
+    /// Only growth past `--max-memory` is blamed on the server's limit; a
+    /// memory that runs into its own declared maximum is the module's.
+    #[test]
+    fn blames_only_the_server_limit() {
+        let limits = Limits {
+            max_memory: 64 << 20,
+            ..Limits::default()
+        };
+        let meter = CpuMeter::new(limits.max_cpu, Arc::default());
+        let mut limiter = Limiter::new(&limits, &meter);
+        let own_max = Some(4 << 20);
+        assert!(!limiter.memory_growing(1 << 20, 8 << 20, own_max).unwrap());
+        assert!(!limiter.out_of_memory());
+        assert!(!limiter.memory_growing(1 << 20, 65 << 20, None).unwrap());
+        assert!(limiter.out_of_memory());
     }
 
     /// `running_for` is what the epoch callback uses to decide whether to

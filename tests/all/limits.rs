@@ -390,6 +390,22 @@ async fn resflood_hits_table_cap() {
     server.stop().await;
 }
 
+/// Ensure a resource-table error that is the guest's own bug (dropping a
+/// stream while a pollable made from it lives) is reported as a trap, not
+/// as the table limit, which was never reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resource_misuse_is_a_trap_not_a_limit() {
+    let mut server = start("resflood", &[]).await;
+    trigger(server.addr, b"droporder").await;
+    let line = server.log_line(&["connection closed"]).await;
+    assert!(
+        line.contains("outcome=trap") && line.contains("children"),
+        "{line}"
+    );
+    let summary = server.stop().await;
+    assert!(summary.contains(" limit_table=0"), "{summary}");
+}
+
 /// Ensure that while the server sits at `--max-connections` with more
 /// clients waiting, it burns no CPU (no accept busy-loop), and serves the
 /// waiting clients once slots free.
