@@ -76,7 +76,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            eprintln!("{}", one_line(&e.render().to_string()));
+            report(&one_line(&e.render().to_string()));
             return ExitCode::from(2);
         }
     };
@@ -89,10 +89,18 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", one_line(&format!("{e:#}")));
+            report(&format!("error: {}", one_line(&format!("{e:#}"))));
             ExitCode::FAILURE
         }
     }
+}
+
+/// Print the one line that says why the server exits. Unlike `eprintln!`,
+/// which panics when stderr is a closed pipe (and turns exit code 2 or 1
+/// into a panic's 101), a failed write is ignored: the exit code still
+/// tells.
+fn report(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// tokio's multi-thread runtime, or a current-thread one when the process

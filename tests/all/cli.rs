@@ -1,6 +1,8 @@
 //! Bad input on the command line: one line on stderr naming the problem, a
 //! non-zero exit, and never a panic.
 
+use std::os::fd::FromRawFd;
+
 use crate::util::{guest, run_binary, tempdir};
 
 /// Run with `args`; assert a non-zero exit and exactly one stderr line
@@ -214,4 +216,37 @@ async fn help_and_version() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("wasm-sockserver 0.1.0"));
+}
+
+/// Ensure the exit code still says what happened when stderr is a pipe
+/// nobody reads any more (the reader exited): 2 for a bad flag, 1 for a
+/// bad module, not the 101 of a panic while printing the reason.
+#[tokio::test]
+async fn closed_stderr_keeps_the_exit_code() {
+    for (args, expected) in [
+        (&["--bogus"][..], 2),
+        (&["--module", "/nonexistent/handler.wasm"][..], 1),
+    ] {
+        let mut fds = [0; 2];
+        // SAFETY: pipe writes two descriptors into `fds`.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // SAFETY: both descriptors are ours and open; the read end is
+        // closed at once, the write end owned by the child's Stdio.
+        let write_end = unsafe {
+            libc::close(fds[0]);
+            std::os::fd::OwnedFd::from_raw_fd(fds[1])
+        };
+        let status = tokio::time::timeout(
+            crate::util::PATIENCE,
+            crate::util::binary()
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::from(write_end))
+                .status(),
+        )
+        .await
+        .expect("binary exits")
+        .unwrap();
+        assert_eq!(status.code(), Some(expected), "{args:?}");
+    }
 }
