@@ -8,7 +8,7 @@ use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
@@ -25,13 +25,50 @@ pub fn default_dir() -> Option<PathBuf> {
     Some(base.join("wasm-sockserver"))
 }
 
+/// A compiled component, and what its trip through the cache left to do.
+pub struct Compiled {
+    pub component: Component,
+    /// The serialized code, for loading into a second engine with the same
+    /// settings.
+    pub artifact: Vec<u8>,
+    pending: Pending,
+}
+
+/// Cache work held back until the component has passed every check: the
+/// warnings about the cache met on the way, and the entry to write. A
+/// module that turns out to be bad then gets its one-line error alone, and
+/// leaves no entry behind.
+#[derive(Default)]
+struct Pending {
+    /// (path, error, what went wrong)
+    warnings: Vec<(PathBuf, String, &'static str)>,
+    /// Where to store the artifact: set when it was compiled afresh.
+    store: Option<PathBuf>,
+}
+
+impl Compiled {
+    /// Log the cache warnings and write the new cache entry: call once the
+    /// component is known to be a usable handler.
+    pub fn commit(&self) {
+        let mut warnings = self.pending.warnings.clone();
+        if let Some(path) = &self.pending.store
+            && let Err(e) = store(path, &self.artifact)
+        {
+            warnings.push((path.clone(), format!("{e:#}"), "cannot write cache entry"));
+        }
+        for (path, error, what) in warnings {
+            tracing::warn!(path = %path.display(), %error, "{what}");
+        }
+    }
+}
+
 /// Compile `bytes` with `engine`, reusing compiled code from `dir` when a
-/// matching entry exists and storing new code there. Returns the component
-/// and its serialized artifact (for loading into a second engine with the
-/// same settings). Cache problems (unreadable, unwritable, corrupt entries)
-/// are logged and never fatal: the component is then simply compiled.
-pub fn compile(engine: &Engine, bytes: &[u8], dir: Option<&Path>) -> Result<(Component, Vec<u8>)> {
+/// matching entry exists; a new entry is written by [`Compiled::commit`].
+/// Cache problems (unreadable, unwritable, corrupt entries) are never
+/// fatal: the component is then simply compiled.
+pub fn compile(engine: &Engine, bytes: &[u8], dir: Option<&Path>) -> Result<Compiled> {
     let path = dir.map(|dir| dir.join(format!("{}.cwasm", key(engine, bytes))));
+    let mut pending = Pending::default();
     if let Some(path) = &path {
         match std::fs::read(path) {
             Ok(artifact) => {
@@ -42,15 +79,24 @@ pub fn compile(engine: &Engine, bytes: &[u8], dir: Option<&Path>) -> Result<(Com
                 match unsafe { Component::deserialize(engine, &artifact) } {
                     Ok(component) => {
                         tracing::debug!(path = %path.display(), "loaded compiled component from cache");
-                        return Ok((component, artifact));
+                        return Ok(Compiled {
+                            component,
+                            artifact,
+                            pending,
+                        });
                     }
                     Err(e) => {
-                        tracing::warn!(path = %path.display(), error = %e, "ignoring unusable cache entry")
+                        let warning =
+                            (path.clone(), e.to_string(), "ignoring unusable cache entry");
+                        pending.warnings.push(warning);
                     }
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot read cache entry"),
+            Err(e) => {
+                let warning = (path.clone(), e.to_string(), "cannot read cache entry");
+                pending.warnings.push(warning);
+            }
         }
     }
     let start = Instant::now();
@@ -65,12 +111,12 @@ pub fn compile(engine: &Engine, bytes: &[u8], dir: Option<&Path>) -> Result<(Com
         bytes = bytes.len(),
         "compiled component"
     );
-    if let Some(path) = &path
-        && let Err(e) = store(path, &artifact)
-    {
-        tracing::warn!(path = %path.display(), error = format!("{e:#}"), "cannot write cache entry");
-    }
-    Ok((component, artifact))
+    pending.store = path;
+    Ok(Compiled {
+        component,
+        artifact,
+        pending,
+    })
 }
 
 /// The cache key: the component's SHA-256 plus everything about the engine
@@ -102,10 +148,39 @@ fn store(path: &Path, artifact: &[u8]) -> Result<()> {
         NEXT.fetch_add(1, Ordering::Relaxed),
         path.file_name().unwrap_or_default().display()
     ));
+    sweep(dir);
     let mut file =
         std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    file.write_all(artifact)
-        .context("cannot write the cache entry")?;
-    std::fs::rename(&tmp, path).context("cannot move the cache entry into place")?;
-    Ok(())
+    let written = file
+        .write_all(artifact)
+        .context("cannot write the cache entry")
+        .and_then(|()| {
+            std::fs::rename(&tmp, path).context("cannot move the cache entry into place")
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// A temporary file older than this was left by a process that died or
+/// was stopped mid-write (a reload abandoned at shutdown): writing one takes
+/// milliseconds.
+const STALE: Duration = Duration::from_secs(600);
+
+/// Remove the stale temporary files in `dir`, so that writes cut short do
+/// not pile up for ever. Done before each write, which is rare (a compile).
+fn sweep(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let stale = entry
+            .metadata()
+            .and_then(|meta| meta.modified())
+            .is_ok_and(|modified| modified.elapsed().is_ok_and(|age| age > STALE));
+        if stale && entry.file_name().as_encoded_bytes().starts_with(b".tmp-") {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }

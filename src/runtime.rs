@@ -184,7 +184,7 @@ fn anyhow<T>(result: wasmtime::Result<T>) -> Result<T> {
 /// to be loaded into the pooling engine.
 struct Checked {
     shown: String,
-    artifact: Vec<u8>,
+    compiled: crate::cache::Compiled,
     counts: Counts,
 }
 
@@ -216,13 +216,13 @@ impl Checked {
         // engine.
         let probe = anyhow(Engine::new(&engine_config(limits)))
             .context("failed to create the wasm engine")?;
-        let (compiled, artifact) = crate::cache::compile(&probe, &bytes, cache_dir)
+        let compiled = crate::cache::compile(&probe, &bytes, cache_dir)
             .with_context(|| format!("{shown} is not a valid component"))?;
-        check_exports(&probe, &compiled, &shown)?;
-        let counts = Counts::of(&compiled, &bytes, limits, &shown)?;
+        check_exports(&probe, &compiled.component, &shown)?;
+        let counts = Counts::of(&compiled.component, &bytes, limits, &shown)?;
         Ok(Checked {
             shown,
-            artifact,
+            compiled,
             counts,
         })
     }
@@ -235,7 +235,7 @@ impl Checked {
         // with the same settings (the cache key includes them), and the
         // pooling engine differs from the probe only in its allocation
         // strategy, which compiled code does not depend on.
-        let component = anyhow(unsafe { Component::deserialize(engine, &self.artifact) })
+        let component = anyhow(unsafe { Component::deserialize(engine, &self.compiled.artifact) })
             .context("failed to load the compiled component into the pooling engine")?;
         // Create the copy-on-write memory images (one memfd per module) now,
         // not lazily at the first connection: then a first connection that
@@ -257,8 +257,11 @@ impl Checked {
         .context("failed to add the sockserver interfaces to the linker")?;
         let instance_pre = anyhow(linker.instantiate_pre(&component))
             .with_context(|| format!("{shown} needs an import the host does not provide"))?;
-        anyhow(SockserverPre::new(instance_pre))
-            .with_context(|| format!("{shown} does not match the sockserver world"))
+        let pre = anyhow(SockserverPre::new(instance_pre))
+            .with_context(|| format!("{shown} does not match the sockserver world"))?;
+        // A usable handler: now the cache may speak and keep its code.
+        self.compiled.commit();
+        Ok(pre)
     }
 }
 

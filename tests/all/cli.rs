@@ -250,3 +250,19 @@ async fn closed_stderr_keeps_the_exit_code() {
         assert_eq!(status.code(), Some(expected), "{args:?}");
     }
 }
+
+/// Ensure an unusable cache directory adds no warning to a bad module's
+/// one-line error: the cache speaks only about a handler that loads.
+#[tokio::test]
+async fn unusable_cache_with_a_bad_module() {
+    refuses(
+        &[
+            "--module",
+            &module("wrongexport"),
+            "--cache-dir",
+            "/dev/null",
+        ],
+        &["does not export"],
+    )
+    .await;
+}

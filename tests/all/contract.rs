@@ -2,6 +2,8 @@
 //! stdout/stderr in the host log, `err` results, and the binary's address
 //! line and signal handling.
 
+use std::time::Duration;
+
 use tokio::io::AsyncWriteExt;
 
 use crate::util::{Binary, TestServer, config, read_to_close, roundtrip};
@@ -229,7 +231,10 @@ async fn sdk_line_protocol() {
 }
 
 /// Ensure the compiled-code cache is used on the second start, survives a
-/// corrupt entry (recompiles instead of failing), and `--no-cache` skips it.
+/// corrupt entry (recompiles instead of failing) and an unusable one
+/// (serves uncached), cleans up temporary files, keeps quiet about itself
+/// and stores nothing for a module that fails its checks, and
+/// `--no-cache` skips it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compiled_code_cache() {
     let dir = crate::util::root().join(format!("target/cache-test-{}", std::process::id()));
@@ -254,6 +259,21 @@ async fn compiled_code_cache() {
     drop(canary);
     second.stop().await;
 
+    // Left-over temporary files: one from a write cut short an hour ago,
+    // one that could be another process's write in progress.
+    let stale = dir.join(".tmp-1-0-stale.cwasm");
+    let fresh = dir.join(".tmp-2-0-fresh.cwasm");
+    for tmp in [&stale, &fresh] {
+        std::fs::write(tmp, b"half an entry").unwrap();
+    }
+    let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(an_hour_ago)
+        .unwrap();
+
     std::fs::write(&entries[0], b"not compiled code").unwrap();
     let mut third = Binary::fixture("echo", &args).await;
     third.log_line(&["ignoring unusable cache entry"]).await;
@@ -263,6 +283,42 @@ async fn compiled_code_cache() {
         std::fs::read(&entries[0]).unwrap().len() > 1000,
         "the corrupt entry was not replaced"
     );
+    assert!(!stale.exists(), "the stale temporary file was kept");
+    assert!(fresh.exists(), "a recent temporary file was removed");
+
+    // An entry that cannot be read or replaced (a directory in its place):
+    // the server warns, serves, and leaves no temporary file behind.
+    std::fs::remove_file(&entries[0]).unwrap();
+    std::fs::create_dir(&entries[0]).unwrap();
+    let mut fourth = Binary::fixture("echo", &args).await;
+    fourth.log_line(&["cannot read cache entry"]).await;
+    fourth.log_line(&["cannot write cache entry"]).await;
+    crate::util::Canary::connect(fourth.addr).await;
+    fourth.stop().await;
+    let temporary = |dir: &std::path::Path| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(".tmp-"))
+            .collect()
+    };
+    assert_eq!(temporary(&dir), [".tmp-2-0-fresh.cwasm"]);
+    std::fs::remove_dir(&entries[0]).unwrap();
+
+    // A module that fails its checks gets its one-line error, no cache
+    // warning before it, and leaves no entry.
+    let before = std::fs::read_dir(&dir).unwrap().count();
+    let bad = crate::util::guest("wrongexport");
+    let (code, stderr) = crate::util::run_binary(&[
+        "--module",
+        bad.to_str().unwrap(),
+        "--cache-dir",
+        dir.to_str().unwrap(),
+    ])
+    .await;
+    assert_eq!(code, 1, "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), before);
 
     let mut uncached = Binary::fixture("echo", &["--no-cache"]).await;
     uncached.log_line(&["compiled component"]).await;
