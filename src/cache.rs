@@ -67,8 +67,16 @@ impl Compiled {
 /// Cache problems (unreadable, unwritable, corrupt entries) are never
 /// fatal: the component is then simply compiled.
 pub fn compile(engine: &Engine, bytes: &[u8], dir: Option<&Path>) -> Result<Compiled> {
-    let path = dir.map(|dir| dir.join(format!("{}.cwasm", key(engine, bytes))));
     let mut pending = Pending::default();
+    let dir = dir.filter(|dir| match unsafe_to_trust(dir) {
+        Some(why) => {
+            let warning = (dir.to_path_buf(), why, "cache directory not used");
+            pending.warnings.push(warning);
+            false
+        }
+        None => true,
+    });
+    let path = dir.map(|dir| dir.join(format!("{}.cwasm", key(engine, bytes))));
     if let Some(path) = &path {
         match std::fs::read(path) {
             Ok(artifact) => {
@@ -117,6 +125,31 @@ pub fn compile(engine: &Engine, bytes: &[u8], dir: Option<&Path>) -> Result<Comp
         artifact,
         pending,
     })
+}
+
+/// Why code in `dir` must not be loaded, if it must not: the directory
+/// exists but belongs to another user, or others may write to it (as ssh
+/// refuses keys in such places). Anyone who can write there could plant
+/// native code this server would run. A directory that does not exist yet
+/// is created private by the first write.
+fn unsafe_to_trust(dir: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(dir).ok()?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Some(format!(
+            "owned by uid {}, not by this server's uid {me}",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Some(format!(
+            "writable by group or others (mode {:o}); make it private with chmod 700",
+            meta.mode() & 0o7777
+        ));
+    }
+    None
 }
 
 /// The cache key: the component's SHA-256 plus everything about the engine

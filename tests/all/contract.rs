@@ -326,6 +326,30 @@ async fn compiled_code_cache() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Ensure a cache directory that others may write to is not used: code
+/// planted there would run as native code in the server. The server warns,
+/// compiles, serves, and writes nothing there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_cache_dir_is_not_trusted() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = crate::util::root().join(format!("target/cache-shared-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let args = ["--cache-dir", dir.to_str().unwrap()];
+    for _ in 0..2 {
+        let mut server = Binary::fixture("echo", &args).await;
+        // Compiled first; the warning comes once the module has loaded.
+        server.log_line(&["compiled component"]).await;
+        let warning = server.log_line(&["cache directory not used"]).await;
+        assert!(warning.contains("writable by group or others"), "{warning}");
+        crate::util::Canary::connect(server.addr).await;
+        server.stop().await;
+    }
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// Ensure timeouts too large to represent as instants mean "never" rather
 /// than a panic in every connection task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
