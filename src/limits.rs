@@ -223,8 +223,11 @@ impl ResourceLimiter for Limiter {
 /// non-blocking `read`, `get-random-bytes`), and it excludes every
 /// suspension: time blocked waiting for the client or a clock, and time
 /// parked in an epoch yield while other connections run. A guest cannot
-/// hide work in busy host calls, and a busy machine does not make a guest
-/// run out of budget sooner. The epoch callback reads it every tick.
+/// hide work in busy host calls, and other connections' work does not make
+/// a guest run out of budget sooner. It is wall time inside the polls: the
+/// thread's own CPU clock would cost a system call at each end of every
+/// poll, so time the operating system takes the thread away mid-poll is
+/// charged too. The epoch callback reads it every tick.
 #[derive(Clone)]
 pub struct CpuMeter {
     budget: Duration,
