@@ -374,6 +374,11 @@ async fn watchdog(
 #[derive(Clone, Debug)]
 pub struct Served {
     pub outcome: Outcome,
+    /// The handler's own `err` message when it returned one but a limit
+    /// (idle, lifetime) or shutdown then cut off the delivery of its reply:
+    /// `outcome` says what ended the connection, this what the handler
+    /// reported.
+    pub handler_error: Option<String>,
     pub duration: Duration,
     pub bytes_in: u64,
     pub bytes_out: u64,
@@ -412,14 +417,23 @@ pub async fn serve_stream(
         () = cancel.cancelled() => Outcome::Cancelled,
     };
 
+    let mut handler_error = None;
     if outcome.finished() {
         // Deliver what the handler wrote, still under the same clocks.
-        tokio::select! {
-            () = socket.flush() => socket.shutdown_write(),
-            limit = watchdog(&socket, started, limits.idle_timeout, limits.max_lifetime) => {
-                outcome = Outcome::Limit(limit);
+        let cut_off = tokio::select! {
+            () = socket.flush() => {
+                socket.shutdown_write();
+                None
             }
-            () = cancel.cancelled() => outcome = Outcome::Cancelled,
+            limit = watchdog(&socket, started, limits.idle_timeout, limits.max_lifetime) => {
+                Some(Outcome::Limit(limit))
+            }
+            () = cancel.cancelled() => Some(Outcome::Cancelled),
+        };
+        if let Some(cut_off) = cut_off
+            && let Outcome::Err(msg) = std::mem::replace(&mut outcome, cut_off)
+        {
+            handler_error = Some(msg);
         }
     }
     if outcome.finished() {
@@ -442,6 +456,7 @@ pub async fn serve_stream(
     stats.record(outcome.kind(), limit);
     Served {
         outcome,
+        handler_error,
         duration: started.elapsed(),
         bytes_in: socket.activity().bytes_in(),
         bytes_out: socket.activity().bytes_out(),
@@ -462,20 +477,28 @@ pub(crate) async fn serve(
     tracing::debug!(conn = id, %peer, "connection accepted");
     let Served {
         outcome,
+        handler_error,
         duration,
         bytes_in,
         bytes_out,
     } = serve_stream(&runtime, &stats, tcp, peer, id, &cancel).await;
     let duration_ms = duration.as_secs_f64() * 1000.0;
     let generation = runtime.generation();
-    match &outcome {
-        Outcome::Ok | Outcome::ClientReset | Outcome::Cancelled => {
-            tracing::info!(conn = id, %peer, %outcome, duration_ms, bytes_in, bytes_out, generation, "connection closed")
+    match (&outcome, handler_error) {
+        // The handler's err, then its reply cut off.
+        (Outcome::Limit(limit), Some(msg)) => {
+            tracing::warn!(conn = id, %peer, %outcome, %limit, error = %msg, duration_ms, bytes_in, bytes_out, generation, "connection closed")
         }
-        Outcome::Err(msg) | Outcome::Trap(msg) | Outcome::Failed(msg) => {
+        (_, Some(msg)) => {
             tracing::warn!(conn = id, %peer, %outcome, error = %msg, duration_ms, bytes_in, bytes_out, generation, "connection closed")
         }
-        Outcome::Limit(limit) => {
+        (Outcome::Ok | Outcome::ClientReset | Outcome::Cancelled, None) => {
+            tracing::info!(conn = id, %peer, %outcome, duration_ms, bytes_in, bytes_out, generation, "connection closed")
+        }
+        (Outcome::Err(msg) | Outcome::Trap(msg) | Outcome::Failed(msg), None) => {
+            tracing::warn!(conn = id, %peer, %outcome, error = %msg, duration_ms, bytes_in, bytes_out, generation, "connection closed")
+        }
+        (Outcome::Limit(limit), None) => {
             tracing::warn!(conn = id, %peer, %outcome, %limit, duration_ms, bytes_in, bytes_out, generation, "connection closed")
         }
     }

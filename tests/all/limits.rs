@@ -235,6 +235,27 @@ async fn stuck_send_waits_without_spinning() {
     server.stop().await;
 }
 
+/// Ensure a handler's `err` survives in the close line when the idle
+/// timeout then cuts off the delivery of its reply (the client does not
+/// read): the line says both what ended the connection and what the
+/// handler reported. The fixture returns without dropping its output
+/// handle, as a garbage-collected guest may; a dropped handle would make
+/// the guest wait for the delivery inside its call. (The message used to
+/// be lost.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handler_error_kept_when_its_reply_is_cut_off() {
+    let mut server = start("stucksend", &["--idle-timeout", "1s"]).await;
+    let _stream = pull_trigger(server.addr, b"stuckerr").await;
+    let line = server.log_line(&["connection closed"]).await;
+    assert!(
+        line.contains("outcome=limit")
+            && line.contains("limit=idle")
+            && line.contains("error=gave up on a client that does not read"),
+        "{line}"
+    );
+    server.stop().await;
+}
+
 /// Ensure a guest that spends nearly all its time in host calls that return
 /// at once (64 `blocking-flush` calls with nothing to flush between loop
 /// back-edges) is still held to `--max-cpu`, its connection closed with
