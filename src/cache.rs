@@ -5,7 +5,7 @@
 
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::Write;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -78,7 +78,7 @@ pub fn compile(engine: &Engine, bytes: &[u8], dir: Option<&Path>) -> Result<Comp
     });
     let path = dir.map(|dir| dir.join(format!("{}.cwasm", key(engine, bytes))));
     if let Some(path) = &path {
-        match std::fs::read(path) {
+        match read_private(path) {
             Ok(artifact) => {
                 // SAFETY: the entry was written by `precompile_component` of
                 // an engine with the same compatibility hash (it is in the
@@ -133,8 +133,14 @@ pub fn compile(engine: &Engine, bytes: &[u8], dir: Option<&Path>) -> Result<Comp
 /// native code this server would run. A directory that does not exist yet
 /// is created private by the first write.
 fn unsafe_to_trust(dir: &Path) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(dir).ok()?;
+    not_private(&meta).map(|why| format!("{why}; make it private with chmod 700"))
+}
+
+/// Why a file or directory with `meta` is not this user's alone, if it is
+/// not: another owner, or write access for group or others.
+fn not_private(meta: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
     if meta.uid() != me {
@@ -145,11 +151,33 @@ fn unsafe_to_trust(dir: &Path) -> Option<String> {
     }
     if meta.mode() & 0o022 != 0 {
         return Some(format!(
-            "writable by group or others (mode {:o}); make it private with chmod 700",
+            "writable by group or others (mode {:o})",
             meta.mode() & 0o7777
         ));
     }
     None
+}
+
+/// Read a cache entry, which must be a regular file of this user's that
+/// no one else may write, reached without following a symbolic link: the
+/// checks are made on the open file, so the name cannot be swapped between
+/// check and read.
+fn read_private(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if let Some(why) = not_private(&meta) {
+        return Err(std::io::Error::other(why));
+    }
+    let mut artifact = Vec::with_capacity(meta.len() as usize);
+    file.read_to_end(&mut artifact)?;
+    Ok(artifact)
 }
 
 /// The cache key: the component's SHA-256 plus everything about the engine
@@ -182,8 +210,12 @@ fn store(path: &Path, artifact: &[u8]) -> Result<()> {
         path.file_name().unwrap_or_default().display()
     ));
     sweep(dir);
-    let mut file =
-        std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
     let written = file
         .write_all(artifact)
         .context("cannot write the cache entry")

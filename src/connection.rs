@@ -302,12 +302,15 @@ fn classify(state: &HostState, error: wasmtime::Error, phase: Phase) -> Outcome 
         return Outcome::Limit(LimitKind::Memory);
     }
     // The host's resource table and the component's handle table are both
-    // capped at MAX_TABLE_ENTRIES; wasmtime reports the latter only as text.
-    // The table's other errors (a resource dropped while it has children, a
-    // handle of the wrong type) are the guest's bugs: traps.
+    // capped at MAX_TABLE_ENTRIES; wasmtime reports the latter only as text,
+    // in the root cause (the chain also holds the wasm backtrace, whose
+    // function names the guest chose). The table's other errors (a
+    // resource dropped while it has children, a handle of the wrong type)
+    // are the guest's bugs: traps.
     let handle_limit = error
-        .chain()
-        .any(|cause| cause.to_string().contains("handle limit exceeded"));
+        .root_cause()
+        .to_string()
+        .contains("store handle limit exceeded");
     let table_full = matches!(
         error.downcast_ref::<ResourceTableError>(),
         Some(ResourceTableError::Full)
@@ -372,6 +375,7 @@ async fn watchdog(
 
 /// How a connection ended, with its totals: what [`serve_stream`] returns.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct Served {
     pub outcome: Outcome,
     /// The handler's own `err` message when it returned one but a limit

@@ -187,7 +187,8 @@ impl ResourceLimiter for Limiter {
         let allowed = self.inner.memory_growing(current, desired, maximum)?;
         // `StoreLimits` also refuses growth past the memory's own declared
         // maximum: that is the module's limit, and the guest's failure.
-        if !allowed && desired > self.max_memory {
+        let past_own_maximum = maximum.is_some_and(|max| desired > max);
+        if !allowed && desired > self.max_memory && !past_own_maximum {
             self.refused_after = Some(self.clock.waits.load(Ordering::Relaxed));
         }
         Ok(allowed)
@@ -223,11 +224,13 @@ impl ResourceLimiter for Limiter {
 /// non-blocking `read`, `get-random-bytes`), and it excludes every
 /// suspension: time blocked waiting for the client or a clock, and time
 /// parked in an epoch yield while other connections run. A guest cannot
-/// hide work in busy host calls, and other connections' work does not make
-/// a guest run out of budget sooner. It is wall time inside the polls: the
-/// thread's own CPU clock would cost a system call at each end of every
-/// poll, so time the operating system takes the thread away mid-poll is
-/// charged too. The epoch callback reads it every tick.
+/// hide work in busy host calls, and other connections' guests, which run
+/// between its polls, do not make it run out of budget sooner. It is wall
+/// time inside the polls: the thread's own CPU clock would cost a system
+/// call at each end of every poll, so time the operating system gives
+/// another thread (another process, or this one's log writer or blocking
+/// threads) in the middle of a poll is charged too. The epoch callback
+/// reads it every tick.
 #[derive(Clone)]
 pub struct CpuMeter {
     budget: Duration,
@@ -326,9 +329,14 @@ impl CpuMeter {
             clock
                 .used
                 .fetch_add(clock.now().saturating_sub(start), Ordering::Relaxed);
-            let yielded = clock.yielding.swap(false, Ordering::Relaxed);
-            if result.is_pending() && !yielded {
-                clock.waits.fetch_add(1, Ordering::Relaxed);
+            // Only this poll's thread writes these: plain loads and stores,
+            // no locked read-modify-write on every poll.
+            let yielded = clock.yielding.load(Ordering::Relaxed);
+            if yielded {
+                clock.yielding.store(false, Ordering::Relaxed);
+            } else if result.is_pending() {
+                let waits = clock.waits.load(Ordering::Relaxed);
+                clock.waits.store(waits + 1, Ordering::Relaxed);
             }
             result
         })
@@ -399,6 +407,9 @@ mod tests {
         let mut limiter = Limiter::new(&limits, &meter);
         let own_max = Some(4 << 20);
         assert!(!limiter.memory_growing(1 << 20, 8 << 20, own_max).unwrap());
+        assert!(!limiter.out_of_memory());
+        // Past both: the module's own maximum would have refused it anyway.
+        assert!(!limiter.memory_growing(1 << 20, 65 << 20, own_max).unwrap());
         assert!(!limiter.out_of_memory());
         assert!(!limiter.memory_growing(1 << 20, 65 << 20, None).unwrap());
         assert!(limiter.out_of_memory());

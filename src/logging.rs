@@ -22,7 +22,7 @@ use tracing_subscriber::fmt::MakeWriter;
 
 /// Lines the queue holds before it drops. About 200 bytes each for a
 /// connection's close line, so about 1.6 MB; guest lines are capped at
-/// 4 KiB, which bounds the queue at about 34 MB. At 20,000 connections a
+/// 4 KiB and [`GUEST_QUEUE_LINES`] of them, about 25 MB. At 20,000 connections a
 /// second, each logging its close line, it covers 0.4 s of stalled stderr.
 pub const QUEUE_LINES: usize = 8192;
 

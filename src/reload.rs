@@ -104,13 +104,14 @@ impl Reloader {
                 if let Some(loaded) = &previous.loaded {
                     loaded.replaced.store(true, Ordering::Relaxed);
                 }
+                self.shared.stats.reloaded(true);
+                tracing::info!(%module, generation, ms, "module reloaded: new connections use it");
                 // If no connection still runs the previous generation, this
                 // is its last reference, and dropping it resets every pool
                 // slot that held its memory image: do that off the async
                 // threads (and, above, outside the lock accepts take).
+                // After the line above, so that its "unloaded" line follows.
                 tokio::task::spawn_blocking(move || drop(previous));
-                self.shared.stats.reloaded(true);
-                tracing::info!(%module, generation, ms, "module reloaded: new connections use it");
                 Ok(generation)
             }
             Err(e) => {
@@ -151,12 +152,13 @@ impl Loaded {
 
 impl Drop for Loaded {
     fn drop(&mut self) {
+        // Counted first, so that whoever reads the line sees the count.
+        self.stats.generation_unloaded();
         if self.replaced.load(Ordering::Relaxed) {
             tracing::info!(
                 generation = self.generation,
                 "previous module unloaded: no connection runs it any more"
             );
         }
-        self.stats.generation_unloaded();
     }
 }

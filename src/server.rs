@@ -30,9 +30,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Transient accept errors (see [`is_transient`]) in a row that are retried
 /// at once. One more, with no connection accepted in between, means the
-/// error is not about one connection (a seccomp filter or a security module
-/// refusing every `accept` with EPERM, say): from then on it is backed off
-/// and warned about like any other, or the acceptor would spin on it.
+/// error may not be about one connection (a seccomp filter or a security
+/// module refusing every `accept` with EPERM, say): it is backed off and
+/// warned about like any other, or the acceptor would spin on it; then the
+/// count starts again.
 const TRANSIENT_STREAK: u32 = 16;
 
 /// At most one accept-error warning per this interval; the rest are counted
@@ -200,6 +201,9 @@ impl Server {
                     } else {
                         warnings.warn(&e);
                         tokio::time::sleep(ACCEPT_BACKOFF).await;
+                        // A burst of real per-connection errors then gets
+                        // its immediate retries again.
+                        transient_streak = 0;
                     }
                     continue;
                 }

@@ -228,8 +228,10 @@ async fn closed_stderr_keeps_the_exit_code() {
         (&["--module", "/nonexistent/handler.wasm"][..], 1),
     ] {
         let mut fds = [0; 2];
-        // SAFETY: pipe writes two descriptors into `fds`.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        // Close-on-exec, so that no server another test starts meanwhile
+        // inherits the read end and keeps the pipe open.
+        // SAFETY: pipe2 writes two descriptors into `fds`.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
         // SAFETY: both descriptors are ours and open; the read end is
         // closed at once, the write end owned by the child's Stdio.
         let write_end = unsafe {

@@ -326,27 +326,61 @@ async fn compiled_code_cache() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Ensure a cache directory that others may write to is not used: code
-/// planted there would run as native code in the server. The server warns,
-/// compiles, serves, and writes nothing there.
+/// Ensure cached code is loaded only from where no one else could have
+/// planted it, since it runs as native code in the server: a directory
+/// that others may write to is not used at all, and an entry that is a
+/// symbolic link or belongs to another user is ignored. Each time the
+/// server warns, compiles and serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shared_cache_dir_is_not_trusted() {
+async fn untrusted_cache_is_not_used() {
     use std::os::unix::fs::PermissionsExt;
     let dir = crate::util::root().join(format!("target/cache-shared-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     let args = ["--cache-dir", dir.to_str().unwrap()];
-    for _ in 0..2 {
+    let start_warned = async |why: &str| {
         let mut server = Binary::fixture("echo", &args).await;
         // Compiled first; the warning comes once the module has loaded.
         server.log_line(&["compiled component"]).await;
-        let warning = server.log_line(&["cache directory not used"]).await;
-        assert!(warning.contains("writable by group or others"), "{warning}");
+        let warning = server.log_line(&["cache"]).await;
+        assert!(warning.contains(why), "{warning}");
         crate::util::Canary::connect(server.addr).await;
         server.stop().await;
+    };
+    for _ in 0..2 {
+        start_warned("writable by group or others").await;
     }
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+
+    // Private again: the next start writes an entry.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut server = Binary::fixture("echo", &args).await;
+    server.log_line(&["compiled component"]).await;
+    server.stop().await;
+    let entry = std::fs::read_dir(&dir)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+
+    // The entry replaced by a link to a copy of itself.
+    let copy = dir.with_extension("copy");
+    std::fs::rename(&entry, &copy).unwrap();
+    std::os::unix::fs::symlink(&copy, &entry).unwrap();
+    start_warned("cannot read cache entry").await;
+    assert!(!entry.is_symlink(), "the link was not replaced");
+    std::fs::remove_file(&copy).unwrap();
+
+    // The entry handed to another user (needs root, as CI runs).
+    // SAFETY: chown reads the path only.
+    let path = std::ffi::CString::new(entry.to_str().unwrap()).unwrap();
+    if unsafe { libc::chown(path.as_ptr(), 65534, 65534) } == 0 {
+        start_warned("owned by uid 65534").await;
+    } else {
+        println!("not root: the foreign-owner case is not checked");
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -486,7 +486,8 @@ async fn accept_refused_for_good_is_backed_off() {
         used < Duration::from_millis(300),
         "server used {used:?} CPU while every accept failed"
     );
-    assert!((17.0..200.0).contains(&errors), "{summary}");
+    // 16 immediate retries per 100 ms back-off: about 170 a second.
+    assert!((17.0..1000.0).contains(&errors), "{summary}");
 }
 
 /// Ensure that when the server runs out of file descriptors (EMFILE) it

@@ -468,9 +468,9 @@ pub fn set_nofile(
 }
 
 /// A [`Binary::fixture_with`] setup that installs a seccomp filter making
-/// every `accept` and `accept4` fail with EPERM, as a systemd
-/// `SystemCallFilter=` that leaves them out does. Everything else is
-/// allowed, so the server starts and listens.
+/// every `accept4` (what tokio's listener calls on Linux) fail with EPERM,
+/// as a systemd `SystemCallFilter=` that leaves it out does. Everything
+/// else is allowed, so the server starts and listens.
 pub fn deny_accept() -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
     let op = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
         code: code as u16,
@@ -481,10 +481,9 @@ pub fn deny_accept() -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'sta
     let jeq = libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K;
     let ret = libc::BPF_RET | libc::BPF_K;
     let filter = [
-        // Load the system call number; deny the two accepts.
+        // Load the system call number; deny accept4.
         op(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 0),
-        op(jeq, libc::SYS_accept4 as u32, 2, 0),
-        op(jeq, libc::SYS_accept as u32, 1, 0),
+        op(jeq, libc::SYS_accept4 as u32, 1, 0),
         op(ret, libc::SECCOMP_RET_ALLOW, 0, 0),
         op(ret, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32, 0, 0),
     ];
