@@ -488,23 +488,23 @@ pub(crate) async fn serve(
     } = serve_stream(&runtime, &stats, tcp, peer, id, &cancel).await;
     let duration_ms = duration.as_secs_f64() * 1000.0;
     let generation = runtime.generation();
-    match (&outcome, handler_error) {
-        // The handler's err, then its reply cut off.
-        (Outcome::Limit(limit), Some(msg)) => {
-            tracing::warn!(conn = id, %peer, %outcome, %limit, error = %msg, duration_ms, bytes_in, bytes_out, generation, "connection closed")
-        }
-        (_, Some(msg)) => {
-            tracing::warn!(conn = id, %peer, %outcome, error = %msg, duration_ms, bytes_in, bytes_out, generation, "connection closed")
-        }
-        (Outcome::Ok | Outcome::ClientReset | Outcome::Cancelled, None) => {
-            tracing::info!(conn = id, %peer, %outcome, duration_ms, bytes_in, bytes_out, generation, "connection closed")
-        }
-        (Outcome::Err(msg) | Outcome::Trap(msg) | Outcome::Failed(msg), None) => {
-            tracing::warn!(conn = id, %peer, %outcome, error = %msg, duration_ms, bytes_in, bytes_out, generation, "connection closed")
-        }
-        (Outcome::Limit(limit), None) => {
-            tracing::warn!(conn = id, %peer, %outcome, %limit, duration_ms, bytes_in, bytes_out, generation, "connection closed")
-        }
+    // `limit` and `error` are recorded only when present. A handler's `err`
+    // survives a limit or shutdown that cut its reply off.
+    let (limit, error) = match &outcome {
+        Outcome::Limit(limit) => (Some(*limit), handler_error.as_deref()),
+        Outcome::Err(msg) | Outcome::Trap(msg) | Outcome::Failed(msg) => (None, Some(msg.as_str())),
+        Outcome::Ok | Outcome::ClientReset | Outcome::Cancelled => (None, handler_error.as_deref()),
+    };
+    // Only a connection that ended without a limit or an error is `info`.
+    let quiet = limit.is_none() && error.is_none();
+    let (limit, error) = (
+        limit.map(tracing::field::display),
+        error.map(tracing::field::display),
+    );
+    if quiet {
+        tracing::info!(conn = id, %peer, %outcome, duration_ms, bytes_in, bytes_out, generation, "connection closed")
+    } else {
+        tracing::warn!(conn = id, %peer, %outcome, limit, error, duration_ms, bytes_in, bytes_out, generation, "connection closed")
     }
     // After a reload, the last connection on the previous generation holds
     // its last reference. Dropping it resets every pool slot that held that
