@@ -50,14 +50,13 @@ impl Compiled {
     /// Log the cache warnings and write the new cache entry: call once the
     /// component is known to be a usable handler.
     pub fn commit(&self) {
-        let mut warnings = self.pending.warnings.clone();
+        for (path, error, what) in &self.pending.warnings {
+            tracing::warn!(path = %path.display(), %error, "{what}");
+        }
         if let Some(path) = &self.pending.store
             && let Err(e) = store(path, &self.artifact)
         {
-            warnings.push((path.clone(), format!("{e:#}"), "cannot write cache entry"));
-        }
-        for (path, error, what) in warnings {
-            tracing::warn!(path = %path.display(), %error, "{what}");
+            tracing::warn!(path = %path.display(), error = format!("{e:#}"), "cannot write cache entry");
         }
     }
 }

@@ -195,8 +195,9 @@ impl Server {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     self.stats.accept_error();
-                    transient_streak += u32::from(is_transient(&e));
-                    if is_transient(&e) && transient_streak <= TRANSIENT_STREAK {
+                    let transient = is_transient(&e);
+                    transient_streak += u32::from(transient);
+                    if transient && transient_streak <= TRANSIENT_STREAK {
                         tracing::debug!(error = %e, "accept failed; retrying");
                     } else {
                         warnings.warn(&e);

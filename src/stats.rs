@@ -223,8 +223,8 @@ impl Stats {
         );
     }
 
-    /// Count a generation of the handler as loaded; it is counted unloaded
-    /// when `loaded` changes it back with [`Stats::generation_unloaded`].
+    /// Count a generation of the handler as loaded, until its
+    /// [`Stats::generation_unloaded`] (both called by `reload::Loaded`).
     pub(crate) fn generation_loaded(&self) {
         self.bump(&self.loaded_generations, 1);
     }
