@@ -331,14 +331,26 @@ fn classify(state: &HostState, error: wasmtime::Error, phase: Phase) -> Outcome 
         None => error.root_cause().to_string(),
     };
     let first = crate::guest_log::sanitize(message.lines().next().unwrap_or(""), 256);
-    match (phase, trap) {
-        (Phase::Handle, _) => Outcome::Trap(first),
-        // A start function's trap is the guest's fault, not the host's.
-        (Phase::Instantiate, Some(_)) => Outcome::Trap(format!("while instantiating: {first}")),
-        (Phase::Instantiate, None) => {
+    match phase {
+        Phase::Handle => Outcome::Trap(first),
+        Phase::Instantiate if host_failure(&error) => {
             Outcome::Failed(format!("failed to instantiate the handler: {first}"))
         }
+        // Start functions run guest code: their traps and their misuse of
+        // a handle are the guest's fault, as they would be in `handle`.
+        Phase::Instantiate => Outcome::Trap(format!("while instantiating: {first}")),
     }
+}
+
+/// Whether an instantiation failed for the host's reasons: a pool slot
+/// not to be had, or the kernel refusing memory. Everything else that
+/// goes wrong while instantiating comes from a start function (the
+/// `InstancePre` has already checked the imports, and the limiter has
+/// spoken for `--max-memory`).
+fn host_failure(error: &wasmtime::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.is::<wasmtime::PoolConcurrencyLimitError>() || cause.is::<std::io::Error>()
+    })
 }
 
 /// How long a finished connection keeps reading (and discarding) what the
@@ -525,7 +537,9 @@ mod tests {
     }
 
     /// A start function that traps is the guest's fault: a trap, not the
-    /// host's `failed`, which stays for errors that are not traps.
+    /// host's `failed`, which stays for the host's own reasons. (A start
+    /// function that misuses a handle is tested end to end in
+    /// `tests/all/start.rs`.)
     #[test]
     fn a_trap_while_instantiating_is_a_trap() {
         let trap = wasmtime::Error::from(Trap::UnreachableCodeReached);
@@ -535,7 +549,8 @@ mod tests {
                 && m.contains("unreachable")),
             "{outcome:?}"
         );
-        let refused = wasmtime::Error::msg("maximum concurrent instance limit reached");
+        let refused = wasmtime::Error::from(std::io::Error::from_raw_os_error(libc::ENOMEM))
+            .context("failed to map the instance's memory");
         let outcome = classify(&state(), refused, Phase::Instantiate);
         assert!(matches!(outcome, Outcome::Failed(_)), "{outcome:?}");
     }

@@ -11,5 +11,6 @@ mod limits;
 mod logging;
 mod metrics;
 mod reload;
+mod start;
 mod streams;
 mod util;
