@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use crate::util::{
-    Binary, Canary, binary, field, guest, install, install_bytes, pin_to_first_cpu, stage,
+    Binary, Canary, binary, field, guest, install, install_bytes, pin_to_first_cpu, stage, tempdir,
 };
 
 /// A handler component whose one core module runs `start` (core wasm
@@ -159,5 +159,37 @@ async fn start_functions_meet_the_limits() {
     Canary::connect(server.addr).await;
     canary.check().await;
     drop(canary);
+    server.stop_cleanly().await;
+}
+
+/// Ensure the debug line with a guest error's whole chain is escaped like
+/// any guest text: its wasm backtrace names functions as the guest's name
+/// section does, and a name holding a newline and a terminal escape must
+/// not forge a line or reach a terminal raw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_function_names_are_escaped_in_error_details() {
+    let module = tempdir().join("named.wasm");
+    let named = with_start(r#"(@name "evil\1b[2J\nFORGED outcome=ok") unreachable"#);
+    install_bytes(&named, &module);
+    let mut cmd = binary();
+    cmd.env("RUST_LOG", "info,wasm_sockserver::connection=debug")
+        .args([
+            "--module",
+            module.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+    let mut server = Binary::start_with(&mut cmd).await;
+    if let Ok(mut stream) = TcpStream::connect(server.addr).await {
+        crate::util::read_to_close(&mut stream).await;
+    }
+    let details = server.log_line(&["guest error details"]).await;
+    assert!(details.contains("evil"), "no name in {details:?}");
+    assert!(
+        details.contains(r"evil\u{1b}[2J\nFORGED outcome=ok"),
+        "{details:?}"
+    );
+    let closed = server.log_line(&["connection closed"]).await;
+    assert!(closed.contains("outcome=trap"), "{closed}");
     server.stop_cleanly().await;
 }
