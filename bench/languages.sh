@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Per-language comparison: connection churn, 64 B ping-pong and idle memory
-# for the echo handler in Rust, JavaScript, Python and C, each served by the
+# for the echo handler in Rust, JavaScript, Python, C and the component text
+# format (written by hand), each served by the
 # release server pinned to CPU 0 with the load generator on CPU 1. Prints a
 # Markdown table (ratios are to the Rust echo, measured in the same run).
 #
@@ -47,6 +48,7 @@ rows="$(
   run javascript examples/build/js-echo.wasm
   run python examples/build/python-echo.wasm
   run c examples/build/c-echo.wasm
+  run wat examples/wat-echo/echo.wat
 )"
 echo "| language | component size | churn conn/s | vs Rust | server CPU µs/conn | 64 B ping-pong rt/s | vs Rust | p99 µs | idle RSS KiB/conn | client errors |"
 echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"

@@ -23,7 +23,8 @@ use crate::limits::{EPOCH_TICK, Limits};
                   while open ones finish on the old one."
 )]
 pub struct Config {
-    /// The handler component (.wasm) exporting sockserver:handler/handler.
+    /// The handler component (.wasm, or .wat in the text format) exporting
+    /// sockserver:handler/handler.
     #[arg(long, value_name = "PATH")]
     pub module: PathBuf,
 

@@ -48,6 +48,27 @@ fn read_module(path: &Path) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Assemble a handler written in the component model's text format (a
+/// `.wat` file), which wasmtime's own CLI accepts too: the smallest
+/// components are written by hand. A mistake is reported on one line, by
+/// line and column.
+fn assemble(bytes: &[u8]) -> Result<Vec<u8>> {
+    let text = std::str::from_utf8(bytes).context("not UTF-8 text")?;
+    let at = |error: wast::Error| {
+        let (line, column) = error.span().linecol_in(text);
+        let message = error.message();
+        anyhow::anyhow!(
+            "line {}, column {}: {}",
+            line + 1,
+            column + 1,
+            message.lines().next().unwrap_or_default()
+        )
+    };
+    let buffer = wast::parser::ParseBuffer::new(text).map_err(at)?;
+    let mut wat: wast::Wat = wast::parser::parse(&buffer).map_err(at)?;
+    wat.encode().map_err(at)
+}
+
 /// Everything needed to serve connections with one handler component:
 /// compiled once, pre-instantiated once, instantiated per connection.
 pub struct Runtime {
@@ -197,7 +218,11 @@ impl Checked {
     /// explanation.
     fn read(path: &Path, limits: &Limits, cache_dir: Option<&Path>) -> Result<Checked> {
         let shown = path.display().to_string();
-        let bytes = read_module(path).with_context(|| format!("cannot read module {shown}"))?;
+        let mut bytes = read_module(path).with_context(|| format!("cannot read module {shown}"))?;
+        if !bytes.starts_with(b"\0asm") && path.extension().is_some_and(|ext| ext == "wat") {
+            bytes =
+                assemble(&bytes).with_context(|| format!("{shown} is not valid component text"))?;
+        }
         if !wasmparser::Parser::is_component(&bytes) {
             if wasmparser::Parser::is_core_wasm(&bytes) {
                 bail!(

@@ -107,6 +107,31 @@ async fn not_wasm() {
     .await;
 }
 
+/// Ensure a handler in the text format (`.wat`) with a mistake is refused
+/// on one line naming where the mistake is, and one that assembles but
+/// does not validate like any invalid component.
+#[tokio::test]
+async fn wat_with_a_mistake() {
+    let dir = tempdir();
+    let path = dir.join("handler.wat");
+    std::fs::write(&path, "(component\n  (core module (oops)))\n").unwrap();
+    refuses(
+        &["--module", path.to_str().unwrap()],
+        &["handler.wat is not valid component text: line 2, column 17"],
+    )
+    .await;
+    std::fs::write(
+        &path,
+        "(component (core module (func (result i32) i64.const 1)))",
+    )
+    .unwrap();
+    refuses(
+        &["--module", path.to_str().unwrap()],
+        &["handler.wat is not a valid component", "type mismatch"],
+    )
+    .await;
+}
+
 /// Ensure a core module is recognised as such, with how to make a
 /// component.
 #[tokio::test]

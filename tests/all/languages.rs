@@ -1,6 +1,7 @@
 //! Handlers written in JavaScript (componentize-js), Python
 //! (componentize-py) and C (wit-bindgen c + wasi-libc), built from source by
-//! `scripts/build-examples.sh`, served by the real server. One server per
+//! `scripts/build-examples.sh`, and one written by hand in the component
+//! text format, served by the real server. One server per
 //! component: the big JS and Python components take seconds to compile.
 
 use std::path::PathBuf;
@@ -32,7 +33,11 @@ fn config(name: &str) -> Config {
 
 /// One byte, 1 MiB, then 16 concurrent clients, all on one server.
 async fn echoes_exactly(name: &str) {
-    let server = TestServer::start(config(name)).await;
+    echoes_exactly_from(name, config(name)).await;
+}
+
+async fn echoes_exactly_from(name: &str, config: Config) {
+    let server = TestServer::start(config).await;
 
     assert_eq!(roundtrip(server.connect().await, b"x").await, b"x");
 
@@ -205,4 +210,13 @@ async fn shutdown_cuts_off_a_slow_reload() {
         "{rest:?}"
     );
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Ensure the echo handler written by hand in the component text format
+/// (`examples/wat-echo/echo.wat`, loaded as text) returns exact bytes for
+/// 1 byte, 1 MiB and 16 concurrent clients.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wat_echo() {
+    let module = root().join("examples/wat-echo/echo.wat");
+    echoes_exactly_from("wat-echo", crate::util::config_for(module)).await;
 }
