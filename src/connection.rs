@@ -343,14 +343,17 @@ fn classify(state: &HostState, error: wasmtime::Error, phase: Phase) -> Outcome 
 }
 
 /// Whether an instantiation failed for the host's reasons: a pool slot
-/// not to be had, or the kernel refusing memory. Everything else that
-/// goes wrong while instantiating comes from a start function (the
-/// `InstancePre` has already checked the imports, and the limiter has
-/// spoken for `--max-memory`).
+/// not to be had, the host out of memory, or the kernel refusing a
+/// mapping (wasmtime reports its own `mmap` calls' errors as rustix's
+/// `Errno`, others as `io::Error`). Everything else that goes wrong while
+/// instantiating comes from a start function (the `InstancePre` has
+/// already checked the imports, and the limiter has spoken for
+/// `--max-memory`).
 fn host_failure(error: &wasmtime::Error) -> bool {
-    error.chain().any(|cause| {
-        cause.is::<wasmtime::PoolConcurrencyLimitError>() || cause.is::<std::io::Error>()
-    })
+    error.is::<wasmtime::PoolConcurrencyLimitError>()
+        || error.is::<wasmtime::OutOfMemory>()
+        || error.is::<std::io::Error>()
+        || error.is::<rustix::io::Errno>()
 }
 
 /// How long a finished connection keeps reading (and discarding) what the
@@ -549,10 +552,16 @@ mod tests {
                 && m.contains("unreachable")),
             "{outcome:?}"
         );
-        let refused = wasmtime::Error::from(std::io::Error::from_raw_os_error(libc::ENOMEM))
-            .context("failed to map the instance's memory");
-        let outcome = classify(&state(), refused, Phase::Instantiate);
-        assert!(matches!(outcome, Outcome::Failed(_)), "{outcome:?}");
+        let host_failures = [
+            wasmtime::Error::from(std::io::Error::from_raw_os_error(libc::ENOMEM)),
+            wasmtime::Error::from(rustix::io::Errno::NOMEM),
+            wasmtime::Error::from(wasmtime::OutOfMemory::new(4096)),
+        ];
+        for error in host_failures {
+            let error = error.context("failed to map the instance's memory");
+            let outcome = classify(&state(), error, Phase::Instantiate);
+            assert!(matches!(outcome, Outcome::Failed(_)), "{outcome:?}");
+        }
     }
 
     /// Only a full table is the table limit; its other errors are traps.

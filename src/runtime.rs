@@ -48,20 +48,41 @@ fn read_module(path: &Path) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// The largest handler in the text format assembled: the parser's syntax
+/// tree takes many times the text's size, and running out of memory there
+/// would abort the server in the middle of a reload. A hand-written
+/// handler is kilobytes.
+const MAX_TEXT_SIZE: usize = 16 << 20;
+
 /// Assemble a handler written in the component model's text format (a
-/// `.wat` file), which wasmtime's own CLI accepts too: the smallest
-/// components are written by hand. A mistake is reported on one line, by
-/// line and column.
+/// `.wat` file): the smallest components are written by hand. A mistake
+/// is reported on one line, by line and column, with the parser's message
+/// escaped (identifiers in it are the file's).
 fn assemble(bytes: &[u8]) -> Result<Vec<u8>> {
-    let text = std::str::from_utf8(bytes).context("not UTF-8 text")?;
+    if bytes.len() > MAX_TEXT_SIZE {
+        bail!(
+            "larger than {}, the limit for text",
+            crate::config::format_size(MAX_TEXT_SIZE as u64)
+        );
+    }
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => text,
+        Err(error) => {
+            let valid = &bytes[..error.valid_up_to()];
+            let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
+            let start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            bail!("line {line}, column {}: not UTF-8", valid.len() - start + 1);
+        }
+    };
     let at = |error: wast::Error| {
         let (line, column) = error.span().linecol_in(text);
         let message = error.message();
+        let message = message.lines().next().unwrap_or_default();
         anyhow::anyhow!(
             "line {}, column {}: {}",
             line + 1,
             column + 1,
-            message.lines().next().unwrap_or_default()
+            crate::guest_log::sanitize(message, 256)
         )
     };
     let buffer = wast::parser::ParseBuffer::new(text).map_err(at)?;
@@ -219,11 +240,20 @@ impl Checked {
     fn read(path: &Path, limits: &Limits, cache_dir: Option<&Path>) -> Result<Checked> {
         let shown = path.display().to_string();
         let mut bytes = read_module(path).with_context(|| format!("cannot read module {shown}"))?;
-        if !bytes.starts_with(b"\0asm") && path.extension().is_some_and(|ext| ext == "wat") {
+        // Text is recognised by its name, so that any other file that is
+        // not a binary keeps the plain "not a WebAssembly binary" error.
+        let text = !bytes.starts_with(b"\0asm")
+            && path
+                .extension()
+                .is_some_and(|ext| ext.eq_ignore_ascii_case("wat"));
+        if text {
             bytes =
                 assemble(&bytes).with_context(|| format!("{shown} is not valid component text"))?;
         }
         if !wasmparser::Parser::is_component(&bytes) {
+            if text {
+                bail!("{shown} holds a core `(module ...)`, not a `(component ...)`");
+            }
             if wasmparser::Parser::is_core_wasm(&bytes) {
                 bail!(
                     "{shown} is a core wasm module, not a component: build the handler for \

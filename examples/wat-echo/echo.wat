@@ -1,7 +1,8 @@
 ;; An echo handler written by hand in the component model's text format:
 ;; two core instances (one holding the memory and the allocator the host
 ;; writes read data through, one with the handler's code), against three
-;; for a component built by wit-component.
+;; for the Rust echo built by wit-component (and more for the C, JavaScript
+;; and Python ones, which link in more modules).
 (component $echo
   (import "wasi:io/error@0.2.12" (instance $error-instance
     (export "error" (type (sub resource)))))

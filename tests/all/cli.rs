@@ -107,29 +107,45 @@ async fn not_wasm() {
     .await;
 }
 
-/// Ensure a handler in the text format (`.wat`) with a mistake is refused
-/// on one line naming where the mistake is, and one that assembles but
-/// does not validate like any invalid component.
+/// Ensure a handler in the text format (`.wat`, in any case) with a
+/// mistake is refused on one line naming where the mistake is, with the
+/// file's own identifiers escaped; one that assembles but does not
+/// validate like any invalid component; and a core module in text as such.
 #[tokio::test]
 async fn wat_with_a_mistake() {
     let dir = tempdir();
-    let path = dir.join("handler.wat");
-    std::fs::write(&path, "(component\n  (core module (oops)))\n").unwrap();
-    refuses(
-        &["--module", path.to_str().unwrap()],
-        &["handler.wat is not valid component text: line 2, column 17"],
-    )
-    .await;
-    std::fs::write(
-        &path,
-        "(component (core module (func (result i32) i64.const 1)))",
-    )
-    .unwrap();
-    refuses(
-        &["--module", path.to_str().unwrap()],
-        &["handler.wat is not a valid component", "type mismatch"],
-    )
-    .await;
+    let cases: [(&str, &[u8], &[&str]); 5] = [
+        (
+            "handler.wat",
+            b"(component\n  (core module (oops)))\n",
+            &["handler.wat is not valid component text: line 2, column 17"],
+        ),
+        (
+            "upper.WAT",
+            b"(component\n  \xff)",
+            &["upper.WAT is not valid component text: line 2, column 3: not UTF-8"],
+        ),
+        (
+            "names.wat",
+            b"(component (core module (func (call $\"x\\1b[2J\"))))",
+            &["is not valid component text: line 1", "x\\u{1b}[2J"],
+        ),
+        (
+            "invalid.wat",
+            b"(component (core module (func (result i32) i64.const 1)))",
+            &["invalid.wat is not a valid component", "type mismatch"],
+        ),
+        (
+            "core.wat",
+            b"(module (func))",
+            &["core.wat holds a core `(module ...)`, not a `(component ...)`"],
+        ),
+    ];
+    for (name, text, needles) in cases {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        refuses(&["--module", path.to_str().unwrap()], needles).await;
+    }
 }
 
 /// Ensure a core module is recognised as such, with how to make a
