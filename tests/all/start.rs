@@ -9,7 +9,8 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use crate::util::{
-    Binary, Canary, binary, field, guest, install, install_bytes, pin_to_first_cpu, stage, tempdir,
+    Binary, Canary, field, guest, install, install_bytes, module_command, pin_to_first_cpu, stage,
+    tempdir,
 };
 
 /// A handler component whose one core module runs `start` (core wasm
@@ -73,17 +74,7 @@ async fn serve_once(server: &mut Binary, module: &std::path::Path, component: &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_functions_meet_the_limits() {
     let (_dir, module) = stage(&guest("echo"));
-    let mut cmd = binary();
-    cmd.args([
-        "--module",
-        module.to_str().unwrap(),
-        "--listen",
-        "127.0.0.1:0",
-        "--max-cpu",
-        "1s",
-        "--max-memory",
-        "4MiB",
-    ]);
+    let mut cmd = module_command(&module, &["--max-cpu", "1s", "--max-memory", "4MiB"]);
     // SAFETY: the setup only calls sched_setaffinity.
     unsafe { cmd.pre_exec(pin_to_first_cpu) };
     let mut server = Binary::start_with(&mut cmd).await;
@@ -171,14 +162,8 @@ async fn guest_function_names_are_escaped_in_error_details() {
     let module = tempdir().join("named.wasm");
     let named = with_start(r#"(@name "evil\1b[2J\nFORGED outcome=ok") unreachable"#);
     install_bytes(&named, &module);
-    let mut cmd = binary();
-    cmd.env("RUST_LOG", "info,wasm_sockserver::connection=debug")
-        .args([
-            "--module",
-            module.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-        ]);
+    let mut cmd = module_command(&module, &[]);
+    cmd.env("RUST_LOG", "info,wasm_sockserver::connection=debug");
     let mut server = Binary::start_with(&mut cmd).await;
     if let Ok(mut stream) = TcpStream::connect(server.addr).await {
         crate::util::read_to_close(&mut stream).await;

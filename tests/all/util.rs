@@ -229,7 +229,12 @@ pub struct Binary {
 /// The binary's command line for serving guest fixture `fixture` on
 /// 127.0.0.1:0, with `extra` flags.
 pub fn fixture_command(fixture: &str, extra: &[&str]) -> Command {
-    let module = guest(fixture);
+    module_command(&guest(fixture), extra)
+}
+
+/// The binary's command line for serving the component at `module` on
+/// 127.0.0.1:0, with `extra` flags.
+pub fn module_command(module: &Path, extra: &[&str]) -> Command {
     let mut cmd = binary();
     cmd.args([
         "--module",
