@@ -344,8 +344,8 @@ fn classify(state: &HostState, error: wasmtime::Error, phase: Phase) -> Outcome 
 
 /// Whether an instantiation failed for the host's reasons: a pool slot
 /// not to be had, the host out of memory, or the kernel refusing a
-/// mapping (wasmtime reports its own `mmap` calls' errors as rustix's
-/// `Errno`, others as `io::Error`). Everything else that goes wrong while
+/// mapping (wasmtime passes some of its `mmap` and `mprotect` errors on as
+/// rustix's `Errno`, others as `io::Error`). Everything else that goes wrong while
 /// instantiating comes from a start function (the `InstancePre` has
 /// already checked the imports, and the limiter has spoken for
 /// `--max-memory`).

@@ -240,9 +240,11 @@ impl Signals {
 }
 
 /// Fold a multi-line message (clap's usage block, an error chain with
-/// embedded newlines) into the one line a user reads.
+/// embedded newlines) into the one line a user reads, with control
+/// characters escaped: a validator's message can quote names from the
+/// module (an export named with a terminal escape, say).
 fn one_line(message: &str) -> String {
-    message
+    let joined = message
         .lines()
         .map(str::trim)
         .filter(|line| {
@@ -251,5 +253,14 @@ fn one_line(message: &str) -> String {
                 && !line.starts_with("For more information")
         })
         .collect::<Vec<_>>()
-        .join(" ")
+        .join(" ");
+    let mut escaped = String::with_capacity(joined.len());
+    for c in joined.chars() {
+        if c.is_control() {
+            escaped.extend(c.escape_default());
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped
 }

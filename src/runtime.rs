@@ -76,13 +76,11 @@ fn assemble(bytes: &[u8]) -> Result<Vec<u8>> {
     };
     let at = |error: wast::Error| {
         let (line, column) = error.span().linecol_in(text);
-        let message = error.message();
-        let message = message.lines().next().unwrap_or_default();
         anyhow::anyhow!(
             "line {}, column {}: {}",
             line + 1,
             column + 1,
-            crate::guest_log::sanitize(message, 256)
+            crate::guest_log::sanitize(&error.message(), 256)
         )
     };
     let buffer = wast::parser::ParseBuffer::new(text).map_err(at)?;
@@ -252,7 +250,7 @@ impl Checked {
         }
         if !wasmparser::Parser::is_component(&bytes) {
             if text {
-                bail!("{shown} holds a core `(module ...)`, not a `(component ...)`");
+                bail!("{shown} holds a core module, not a `(component ...)`");
             }
             if wasmparser::Parser::is_core_wasm(&bytes) {
                 bail!(

@@ -108,13 +108,14 @@ async fn not_wasm() {
 }
 
 /// Ensure a handler in the text format (`.wat`, in any case) with a
-/// mistake is refused on one line naming where the mistake is, with the
-/// file's own identifiers escaped; one that assembles but does not
-/// validate like any invalid component; and a core module in text as such.
+/// mistake is refused on one line naming where the mistake is; one that
+/// assembles but does not validate like any invalid component; a core
+/// module in text as such; and the file's own names in either kind of
+/// message escaped.
 #[tokio::test]
 async fn wat_with_a_mistake() {
     let dir = tempdir();
-    let cases: [(&str, &[u8], &[&str]); 5] = [
+    let cases: [(&str, &[u8], &[&str]); 6] = [
         (
             "handler.wat",
             b"(component\n  (core module (oops)))\n",
@@ -131,6 +132,11 @@ async fn wat_with_a_mistake() {
             &["is not valid component text: line 1", "x\\u{1b}[2J"],
         ),
         (
+            "exports.wat",
+            b"(component (core module (func (export \"a\\1b[2J\")) (func (export \"a\\1b[2J\"))))",
+            &["exports.wat is not a valid component", "a\\u{1b}[2J"],
+        ),
+        (
             "invalid.wat",
             b"(component (core module (func (result i32) i64.const 1)))",
             &["invalid.wat is not a valid component", "type mismatch"],
@@ -138,7 +144,7 @@ async fn wat_with_a_mistake() {
         (
             "core.wat",
             b"(module (func))",
-            &["core.wat holds a core `(module ...)`, not a `(component ...)`"],
+            &["core.wat holds a core module, not a `(component ...)`"],
         ),
     ];
     for (name, text, needles) in cases {
