@@ -25,8 +25,8 @@ const HANDLER_EXPORT: &str = "sockserver:handler/handler@0.1";
 const MAX_MODULE_SIZE: u64 = 1 << 30;
 
 /// Read a module file: only a regular file (a FIFO would hang start-up or a
-/// reload, a device could be endless), and at most [`MAX_MODULE_SIZE`].
-fn read_module(path: &Path) -> Result<Vec<u8>> {
+/// reload, a device could be endless), and at most `limit` bytes.
+fn read_module(path: &Path, limit: u64) -> Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     // Non-blocking, so that opening a FIFO does not wait for a writer.
@@ -38,33 +38,24 @@ fn read_module(path: &Path) -> Result<Vec<u8>> {
         bail!("not a regular file");
     }
     let mut bytes = Vec::new();
-    file.take(MAX_MODULE_SIZE + 1).read_to_end(&mut bytes)?;
-    if bytes.len() as u64 > MAX_MODULE_SIZE {
-        bail!(
-            "larger than {}",
-            crate::config::format_size(MAX_MODULE_SIZE)
-        );
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        bail!("larger than {}", crate::config::format_size(limit));
     }
     Ok(bytes)
 }
 
-/// The largest handler in the text format assembled: the parser's syntax
-/// tree takes many times the text's size, and running out of memory there
-/// would abort the server in the middle of a reload. A hand-written
-/// handler is kilobytes.
-const MAX_TEXT_SIZE: usize = 16 << 20;
+/// The largest file named `.wat` read: the parser's syntax tree takes
+/// many times the text's size, and running out of memory there would
+/// abort the server in the middle of a reload. A hand-written handler is
+/// kilobytes.
+const MAX_TEXT_SIZE: u64 = 16 << 20;
 
 /// Assemble a handler written in the component model's text format (a
 /// `.wat` file): the smallest components are written by hand. A mistake
 /// is reported on one line, by line and column, with the parser's message
 /// escaped (identifiers in it are the file's).
 fn assemble(bytes: &[u8]) -> Result<Vec<u8>> {
-    if bytes.len() > MAX_TEXT_SIZE {
-        bail!(
-            "larger than {}, the limit for text",
-            crate::config::format_size(MAX_TEXT_SIZE as u64)
-        );
-    }
     let text = match std::str::from_utf8(bytes) {
         Ok(text) => text,
         Err(error) => {
@@ -237,13 +228,19 @@ impl Checked {
     /// explanation.
     fn read(path: &Path, limits: &Limits, cache_dir: Option<&Path>) -> Result<Checked> {
         let shown = path.display().to_string();
-        let mut bytes = read_module(path).with_context(|| format!("cannot read module {shown}"))?;
         // Text is recognised by its name, so that any other file that is
         // not a binary keeps the plain "not a WebAssembly binary" error.
-        let text = !bytes.starts_with(b"\0asm")
-            && path
-                .extension()
-                .is_some_and(|ext| ext.eq_ignore_ascii_case("wat"));
+        let named_text = path
+            .extension()
+            .is_some_and(|ext| ext.eq_ignore_ascii_case("wat"));
+        let limit = if named_text {
+            MAX_TEXT_SIZE
+        } else {
+            MAX_MODULE_SIZE
+        };
+        let mut bytes =
+            read_module(path, limit).with_context(|| format!("cannot read module {shown}"))?;
+        let text = named_text && !bytes.starts_with(b"\0asm");
         if text {
             bytes =
                 assemble(&bytes).with_context(|| format!("{shown} is not valid component text"))?;

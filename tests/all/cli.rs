@@ -152,6 +152,17 @@ async fn wat_with_a_mistake() {
         std::fs::write(&path, text).unwrap();
         refuses(&["--module", path.to_str().unwrap()], needles).await;
     }
+    // Text beyond 16 MiB is refused before it is parsed: its syntax tree
+    // would take many times as much.
+    let path = dir.join("huge.wat");
+    let mut huge = b"(component".to_vec();
+    huge.resize((16 << 20) + 1, b' ');
+    std::fs::write(&path, huge).unwrap();
+    refuses(
+        &["--module", path.to_str().unwrap()],
+        &["cannot read module", "huge.wat: larger than 16MiB"],
+    )
+    .await;
 }
 
 /// Ensure a core module is recognised as such, with how to make a
