@@ -126,10 +126,10 @@ impl Drop for Stream {
 }
 
 /// Guest text made safe for a log line: at most `max` bytes (cut at a
-/// character boundary, marked with `…`), control characters (newlines,
-/// carriage returns, terminal escapes) shown escaped, so a guest, or a
-/// client whose input the guest echoes into an error, cannot forge or split
-/// log lines or drive the operator's terminal.
+/// character boundary, marked with `…`), and every character `escaped`
+/// shown as its escape, so a guest, or a client whose input the guest echoes
+/// into an error, cannot forge or split log lines, drive the operator's
+/// terminal, or make a line read differently from the bytes it holds.
 pub fn sanitize(text: &str, max: usize) -> String {
     let mut out = String::with_capacity(text.len().min(max) + 3);
     for c in text.chars() {
@@ -137,13 +137,33 @@ pub fn sanitize(text: &str, max: usize) -> String {
             out.push('…');
             break;
         }
-        if c.is_control() {
+        if escaped(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
         }
     }
     out
+}
+
+/// Characters a log line shows escaped: control characters (newlines,
+/// carriage returns, terminal escapes); the Unicode line and paragraph
+/// separators, which some log viewers and JSON-lines readers break lines
+/// at; and the bidirectional formatting characters, which reorder how the
+/// rest of a line is displayed (a guest could make `outcome=trap` appear
+/// as something else).
+fn escaped(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}'
+                | '\u{2029}'
+                | '\u{061c}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+        )
 }
 
 impl IsTerminal for GuestLog {
@@ -215,5 +235,20 @@ mod tests {
             "two\\nlines\\r\\u{1b}[31m"
         );
         assert_eq!(sanitize("ééééé", 4), "éé…");
+    }
+
+    #[test]
+    fn sanitize_escapes_line_separators_and_bidi_controls() {
+        assert_eq!(
+            sanitize("a\u{2028}b\u{2029}c", 100),
+            "a\\u{2028}b\\u{2029}c"
+        );
+        // A right-to-left override, then an isolate, then the Arabic mark.
+        assert_eq!(
+            sanitize("ok\u{202e}part\u{2067}x\u{2069}\u{61c}", 100),
+            "ok\\u{202e}part\\u{2067}x\\u{2069}\\u{61c}"
+        );
+        // Letters of right-to-left scripts are text, not controls.
+        assert_eq!(sanitize("שלום", 100), "שלום");
     }
 }

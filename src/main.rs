@@ -240,9 +240,9 @@ impl Signals {
 }
 
 /// Fold a multi-line message (clap's usage block, an error chain with
-/// embedded newlines) into the one line a user reads, with control
-/// characters escaped: a validator's message can quote names from the
-/// module (an export named with a terminal escape, say).
+/// embedded newlines) into the one line a user reads, escaped as guest text
+/// is: a validator's message can quote names from the module (an export
+/// named with a terminal escape, say).
 fn one_line(message: &str) -> String {
     let joined = message
         .lines()
@@ -254,13 +254,5 @@ fn one_line(message: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join(" ");
-    let mut escaped = String::with_capacity(joined.len());
-    for c in joined.chars() {
-        if c.is_control() {
-            escaped.extend(c.escape_default());
-        } else {
-            escaped.push(c);
-        }
-    }
-    escaped
+    wasm_sockserver::guest_log::sanitize(&joined, usize::MAX)
 }

@@ -155,12 +155,14 @@ async fn start_functions_meet_the_limits() {
 
 /// Ensure the debug line with a guest error's whole chain is escaped like
 /// any guest text: its wasm backtrace names functions as the guest's name
-/// section does, and a name holding a newline and a terminal escape must
-/// not forge a line or reach a terminal raw.
+/// section does, and a name holding a newline, a terminal escape, a line
+/// separator or a right-to-left override must not forge a line, reach a
+/// terminal raw or reorder what the line shows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_function_names_are_escaped_in_error_details() {
     let module = tempdir().join("named.wasm");
-    let named = with_start(r#"(@name "evil\1b[2J\nFORGED outcome=ok") unreachable"#);
+    let named =
+        with_start(r#"(@name "evil\1b[2J\nFORGED outcome=ok\u{2028}\u{202e}kart") unreachable"#);
     install_bytes(&named, &module);
     let mut cmd = module_command(&module, &[]);
     cmd.env("RUST_LOG", "info,wasm_sockserver::connection=debug");
@@ -171,7 +173,7 @@ async fn guest_function_names_are_escaped_in_error_details() {
     let details = server.log_line(&["guest error details"]).await;
     assert!(details.contains("evil"), "no name in {details:?}");
     assert!(
-        details.contains(r"evil\u{1b}[2J\nFORGED outcome=ok"),
+        details.contains(r"evil\u{1b}[2J\nFORGED outcome=ok\u{2028}\u{202e}kart"),
         "{details:?}"
     );
     let closed = server.log_line(&["connection closed"]).await;
