@@ -8,7 +8,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use wasm_sockserver::{LimitKind, Limits, OutcomeKind, Runtime, Stats, serve_stream};
+use wasm_sockserver::{LimitKind, Limits, Outcome, OutcomeKind, Runtime, Stats, serve_stream};
 
 use crate::util::{
     Binary, Canary, TestServer, config, guest, pattern, pin_to_first_cpu, ping, read_to_close,
@@ -399,6 +399,59 @@ async fn waiting_guests_skip_epoch_checkins() {
         checkins < ROUNDS / 4,
         "{checkins} epoch check-ins over {ROUNDS} waits"
     );
+}
+
+/// Ensure a connection that finds no pool slot fails alone, as the host's
+/// failure (`failed`), not as a trap of the guest's: with the pool sized for
+/// one connection (an embedder's own accept loop may run `serve_stream`
+/// past the size it loaded the runtime for), a second connection fails
+/// while the first keeps echoing, and the slot serves a third once the
+/// first is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_pool_slot_fails_only_that_connection() {
+    let runtime = Runtime::load(&guest("echo"), &Limits::default(), 1).unwrap();
+    let stats = Stats::default();
+    let cancel = CancellationToken::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let connect = || async {
+        let (client, accepted) = tokio::join!(
+            TcpStream::connect(listener.local_addr().unwrap()),
+            listener.accept()
+        );
+        let (tcp, peer) = accepted.unwrap();
+        (client.unwrap(), tcp, peer)
+    };
+
+    let (mut first, tcp, peer) = connect().await;
+    let serve_first = serve_stream(&runtime, &stats, tcp, peer, 1, &cancel);
+    let meanwhile = async {
+        // Once this echo is back, the first instance holds the one slot.
+        assert_eq!(ping(&mut first, b"one").await, b"one");
+        let (mut second, tcp, peer) = connect().await;
+        let served = serve_stream(&runtime, &stats, tcp, peer, 2, &cancel).await;
+        match &served.outcome {
+            Outcome::Failed(why) => {
+                assert!(why.contains("failed to instantiate"), "{why}")
+            }
+            other => panic!("the second connection ended {other:?}"),
+        }
+        let (echoed, _) = read_to_close(&mut second).await;
+        assert!(echoed.is_empty(), "{echoed:?}");
+        assert_eq!(ping(&mut first, b"two").await, b"two");
+        first.shutdown().await.unwrap();
+        read_to_close(&mut first).await;
+    };
+    let (served, ()) = tokio::join!(serve_first, meanwhile);
+    assert_eq!(served.outcome.kind(), OutcomeKind::Ok, "{}", served.outcome);
+
+    let (mut third, tcp, peer) = connect().await;
+    let talk = async {
+        assert_eq!(ping(&mut third, b"three").await, b"three");
+        third.shutdown().await.unwrap();
+        read_to_close(&mut third).await;
+    };
+    let (served, ()) = tokio::join!(serve_stream(&runtime, &stats, tcp, peer, 3, &cancel), talk);
+    assert_eq!(served.outcome.kind(), OutcomeKind::Ok, "{}", served.outcome);
 }
 
 /// Ensure fair progress under bulk load: 10 connections streaming 64 KiB
