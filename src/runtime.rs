@@ -59,24 +59,33 @@ fn assemble(bytes: &[u8]) -> Result<Vec<u8>> {
     let text = match std::str::from_utf8(bytes) {
         Ok(text) => text,
         Err(error) => {
-            let valid = &bytes[..error.valid_up_to()];
-            let line = valid.iter().filter(|&&b| b == b'\n').count() + 1;
-            let start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
-            bail!("line {line}, column {}: not UTF-8", valid.len() - start + 1);
+            // Everything before the first bad byte is valid UTF-8.
+            let valid = std::str::from_utf8(&bytes[..error.valid_up_to()]).unwrap_or_default();
+            let (line, column) = line_column(valid, valid.len());
+            bail!("line {line}, column {column}: not UTF-8");
         }
     };
     let at = |error: wast::Error| {
-        let (line, column) = error.span().linecol_in(text);
+        let (line, column) = line_column(text, error.span().offset());
         anyhow::anyhow!(
-            "line {}, column {}: {}",
-            line + 1,
-            column + 1,
+            "line {line}, column {column}: {}",
             crate::guest_log::sanitize(&error.message(), 256)
         )
     };
     let buffer = wast::parser::ParseBuffer::new(text).map_err(at)?;
     let mut wat: wast::Wat = wast::parser::parse(&buffer).map_err(at)?;
     wat.encode().map_err(at)
+}
+
+/// The 1-based line and column of byte `offset` in `text`, the column
+/// counted in characters, as an editor shows it (wast's own `linecol_in`
+/// counts bytes, so a name in another script before a mistake moved the
+/// column to the right).
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = text.get(..offset).unwrap_or(text);
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.matches('\n').count() + 1;
+    (line, before[line_start..].chars().count() + 1)
 }
 
 /// Everything needed to serve connections with one handler component:

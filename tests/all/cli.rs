@@ -110,12 +110,12 @@ async fn not_wasm() {
 /// Ensure a handler in the text format (`.wat`, in any case) with a
 /// mistake is refused on one line naming where the mistake is; one that
 /// assembles but does not validate like any invalid component; a core
-/// module in text as such; and the file's own names in either kind of
-/// message escaped.
+/// module in text as such; the file's own names in either kind of message
+/// escaped; and columns counted in characters, not bytes.
 #[tokio::test]
 async fn wat_with_a_mistake() {
     let dir = tempdir();
-    let cases: [(&str, &[u8], &[&str]); 6] = [
+    let cases: [(&str, &[u8], &[&str]); 8] = [
         (
             "handler.wat",
             b"(component\n  (core module (oops)))\n",
@@ -125,6 +125,16 @@ async fn wat_with_a_mistake() {
             "upper.WAT",
             b"(component\n  \xff)",
             &["upper.WAT is not valid component text: line 2, column 3: not UTF-8"],
+        ),
+        (
+            "accents.wat",
+            "(component\n  (; éé ;) (core module (oops)))\n".as_bytes(),
+            &["accents.wat is not valid component text: line 2, column 26"],
+        ),
+        (
+            "accent-then-bad-byte.wat",
+            b"(component\n  \xc3\xa9\xff)",
+            &["is not valid component text: line 2, column 4: not UTF-8"],
         ),
         (
             "names.wat",
