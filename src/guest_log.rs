@@ -125,11 +125,12 @@ impl Drop for Stream {
     }
 }
 
-/// Guest text made safe for a log line: at most `max` bytes (cut at a
-/// character boundary, marked with `…`), and every character `escaped`
-/// shown as its escape, so a guest, or a client whose input the guest echoes
-/// into an error, cannot forge or split log lines, drive the operator's
-/// terminal, or make a line read differently from the bytes it holds.
+/// Guest text made safe for a log line: cut at a character boundary once
+/// it reaches `max` bytes (marked with `…`; the last escape may take it a
+/// few bytes over), and every character `escaped` shown as its escape, so
+/// a guest, or a client whose input the guest echoes into an error, cannot
+/// forge or split log lines, drive the operator's terminal, or reorder how
+/// a line displays.
 pub fn sanitize(text: &str, max: usize) -> String {
     let mut out = String::with_capacity(text.len().min(max) + 3);
     for c in text.chars() {

@@ -82,7 +82,11 @@ fn assemble(bytes: &[u8]) -> Result<Vec<u8>> {
 /// counts bytes, so a name in another script before a mistake moved the
 /// column to the right).
 fn line_column(text: &str, offset: usize) -> (usize, usize) {
-    let before = text.get(..offset).unwrap_or(text);
+    let mut end = offset.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &text[..end];
     let line_start = before.rfind('\n').map_or(0, |i| i + 1);
     let line = before.matches('\n').count() + 1;
     (line, before[line_start..].chars().count() + 1)
@@ -613,7 +617,21 @@ impl Drop for Ticker {
 
 #[cfg(test)]
 mod tests {
-    use super::Counts;
+    use super::{Counts, line_column};
+
+    /// Ensure positions are counted in characters from 1, and an offset past
+    /// the end or inside a character (never seen from wast, but cheap to
+    /// guard) neither panics nor points past the text.
+    #[test]
+    fn line_column_counts_characters() {
+        let text = "ab\néé x";
+        assert_eq!(line_column(text, 0), (1, 1));
+        assert_eq!(line_column(text, 3), (2, 1));
+        // "éé " is 5 bytes and 3 characters.
+        assert_eq!(line_column(text, 8), (2, 4));
+        assert_eq!(line_column(text, 4), (2, 1));
+        assert_eq!(line_column(text, 100), (2, 5));
+    }
 
     /// Ensure a reload is refused exactly when the new component needs
     /// more memories or tables per connection than the pool was sized for,
