@@ -92,11 +92,7 @@ async fn connection_future_is_small() {
     let stats = wasm_sockserver::Stats::default();
     let cancel = tokio_util::sync::CancellationToken::new();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (_client, accepted) = tokio::join!(
-        tokio::net::TcpStream::connect(listener.local_addr().unwrap()),
-        listener.accept()
-    );
-    let (tcp, peer) = accepted.unwrap();
+    let (_client, tcp, peer) = crate::util::connect_pair(&listener).await;
     let future = wasm_sockserver::serve_stream(&runtime, &stats, tcp, peer, 1, &cancel);
     let size = std::mem::size_of_val(&future);
     assert!(size <= 2048, "serve_stream's future is {size} bytes");

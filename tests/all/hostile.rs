@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 use wasm_sockserver::{LimitKind, Limits, Outcome, OutcomeKind, Runtime, Stats, serve_stream};
 
 use crate::util::{
-    Binary, Canary, TestServer, config, guest, pattern, pin_to_first_cpu, ping, read_to_close,
-    roundtrip,
+    Binary, Canary, TestServer, config, connect_pair, guest, pattern, pin_to_first_cpu, ping,
+    read_to_close, roundtrip,
 };
 
 /// Ensure spinning guests on more connections than worker threads neither
@@ -375,12 +375,7 @@ async fn waiting_guests_skip_epoch_checkins() {
     let stats = Stats::default();
     let cancel = CancellationToken::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (client, accepted) = tokio::join!(
-        TcpStream::connect(listener.local_addr().unwrap()),
-        listener.accept()
-    );
-    let (tcp, peer) = accepted.unwrap();
-    let mut client = client.unwrap();
+    let (mut client, tcp, peer) = connect_pair(&listener).await;
     client.set_nodelay(true).unwrap();
     let talk = async move {
         for round in 0..ROUNDS {
@@ -413,21 +408,12 @@ async fn no_pool_slot_fails_only_that_connection() {
     let stats = Stats::default();
     let cancel = CancellationToken::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let connect = || async {
-        let (client, accepted) = tokio::join!(
-            TcpStream::connect(listener.local_addr().unwrap()),
-            listener.accept()
-        );
-        let (tcp, peer) = accepted.unwrap();
-        (client.unwrap(), tcp, peer)
-    };
-
-    let (mut first, tcp, peer) = connect().await;
+    let (mut first, tcp, peer) = connect_pair(&listener).await;
     let serve_first = serve_stream(&runtime, &stats, tcp, peer, 1, &cancel);
     let meanwhile = async {
         // Once this echo is back, the first instance holds the one slot.
         assert_eq!(ping(&mut first, b"one").await, b"one");
-        let (mut second, tcp, peer) = connect().await;
+        let (mut second, tcp, peer) = connect_pair(&listener).await;
         let served = serve_stream(&runtime, &stats, tcp, peer, 2, &cancel).await;
         match &served.outcome {
             Outcome::Failed(why) => {
@@ -444,7 +430,7 @@ async fn no_pool_slot_fails_only_that_connection() {
     let (served, ()) = tokio::join!(serve_first, meanwhile);
     assert_eq!(served.outcome.kind(), OutcomeKind::Ok, "{}", served.outcome);
 
-    let (mut third, tcp, peer) = connect().await;
+    let (mut third, tcp, peer) = connect_pair(&listener).await;
     let talk = async {
         assert_eq!(ping(&mut third, b"three").await, b"three");
         third.shutdown().await.unwrap();

@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 use wasm_sockserver::{Config, OutcomeKind, Reloader, Server, Stats};
@@ -185,6 +185,18 @@ pub async fn ping(stream: &mut TcpStream, msg: &[u8]) -> Vec<u8> {
         .expect("echo reply")
         .unwrap();
     back
+}
+
+/// A fresh connection to `listener`, for tests that hand the accepted side
+/// to [`serve_stream`](wasm_sockserver::serve_stream) themselves: the
+/// client, the accepted stream and the client's address.
+pub async fn connect_pair(listener: &TcpListener) -> (TcpStream, TcpStream, SocketAddr) {
+    let (client, accepted) = tokio::join!(
+        TcpStream::connect(listener.local_addr().unwrap()),
+        listener.accept()
+    );
+    let (tcp, peer) = accepted.unwrap();
+    (client.unwrap(), tcp, peer)
 }
 
 /// Read until EOF or error; returns what was read and whether it ended in
